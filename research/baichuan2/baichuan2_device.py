@@ -1,0 +1,89 @@
+"""What the current device can run: the one place that knows about hardware differences.
+
+Baichuan2's configs ask for Ascend fast paths (fused RMSNorm, flash attention, paged attention,
+operator/pipeline parallel). MindSpore's CPU backend has kernels for none of them, so every model
+and script asks this module which path to take instead of testing ``device_target`` itself.
+"""
+from dataclasses import dataclass
+import logging
+
+import mindspore as ms
+
+logger = logging.getLogger("baichuan2")
+
+_WARNED = set()
+
+
+def _warn_once(message):
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+@dataclass(frozen=True)
+class DeviceCapabilities:
+    """Kernels and parallel modes available on one device target.
+
+    Attributes:
+        device_target: "Ascend", "GPU" or "CPU" (from the MindSpore context).
+        fused_rms_norm: the ``RmsNorm`` kernel exists.
+        flash_attention: ``FlashAttentionScore`` exists.
+        paged_attention: ``PagedAttention``/``ReshapeAndCache`` exist.
+        operator_parallel: semi-auto/auto parallel (model parallel) can compile.
+        pipeline_parallel: pipeline stages can compile.
+        half_precision_matmul: fp16/bf16 matmuls are fast and accurate enough to be the default.
+    """
+    device_target: str
+    fused_rms_norm: bool
+    flash_attention: bool
+    paged_attention: bool
+    operator_parallel: bool
+    pipeline_parallel: bool
+    half_precision_matmul: bool
+
+
+_TABLE = {
+    "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True),
+    "GPU": DeviceCapabilities("GPU", False, False, False, True, True, True),
+    "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False),
+}
+
+
+def device_capabilities(device_target=None):
+    """Capabilities of ``device_target`` (default: the one set in the MindSpore context)."""
+    target = device_target or ms.get_context("device_target")
+    return _TABLE.get(target, _TABLE["CPU"])
+
+
+def use_fused_rms_norm(requested):
+    """Fused RMSNorm when asked for and available; the portable ReduceMean form otherwise."""
+    caps = device_capabilities()
+    if requested and not caps.fused_rms_norm:
+        _warn_once(f"fused_rms_norm=True is not available on {caps.device_target}; "
+                   "using the portable RMSNorm (same math).")
+    return bool(requested and caps.fused_rms_norm)
+
+
+def use_flash_attention(requested, use_past):
+    """Flash attention only for full-sequence (training / no-cache) forwards on a device that has it.
+
+    The original disables flash attention whenever ``use_past`` is on; we keep that rule.
+    """
+    caps = device_capabilities()
+    if requested and not caps.flash_attention:
+        _warn_once(f"use_flash_attention=True is not available on {caps.device_target}; "
+                   "using the portable attention (same math).")
+    return bool(requested and caps.flash_attention and not use_past)
+
+
+def check_parallel_supported(model_parallel, pipeline_stage):
+    """Raise a plain error if the requested parallelism cannot compile on this device."""
+    caps = device_capabilities()
+    if model_parallel > 1 and not caps.operator_parallel:
+        raise ValueError(f"parallel_config.model_parallel={model_parallel} needs operator (semi-auto) "
+                         f"parallel, which MindSpore's {caps.device_target} backend does not support. "
+                         "Set model_parallel: 1 (data parallel only) or run on Ascend.")
+    if pipeline_stage > 1 and not caps.pipeline_parallel:
+        raise ValueError(f"parallel_config.pipeline_stage={pipeline_stage} needs pipeline parallel, which "
+                         f"MindSpore's {caps.device_target} backend does not support. "
+                         "Set pipeline_stage: 1 or run on Ascend.")

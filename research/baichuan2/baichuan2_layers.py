@@ -1,0 +1,348 @@
+"""Building blocks shared by Baichuan2-7B and Baichuan2-13B.
+
+Both models are pre-norm decoders with RMSNorm, SwiGLU MLPs (MindFormers' ``LlamaRMSNorm`` and
+``LlamaFeedForward``), multi-head attention without biases and a row-normalised lm_head
+(``NormHead``). They differ only in how positions enter attention: 7B rotates queries and keys
+(RoPE), 13B adds a per-head linear bias to the scores (ALiBi). The attention here therefore takes an
+optional rotary table and an optional score bias, and each model builds the one it needs
+(``Baichuan2Model._position_inputs``).
+
+Incremental inference keeps a KV cache of shape (batch, heads, seq_length, head_dim) per layer in
+parameters updated in place with portable ops (``ScatterNdUpdate``), so it runs on CPU and in graph
+mode. A decode step writes one column per row at that row's own position, so right-padded batches of
+different prompt lengths decode exactly as each prompt alone.
+
+Shapes: B batch, S query length, T key length (S during a full forward, ``seq_length`` when decoding
+from the cache), H heads, D head dim, h hidden size, V vocabulary.
+"""
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore import dtype as mstype
+from mindspore.common.initializer import initializer, HeUniform
+
+from mindformers.core.loss import CrossEntropyLoss
+from mindformers.models.llama.llama import LlamaPreTrainedModel
+from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForward, LlamaRMSNorm
+from mindformers.modules.layers import Linear
+
+from baichuan2_device import use_fused_rms_norm, use_flash_attention
+from baichuan2_generation import Baichuan2GenerationMixin
+
+# Masked attention scores get this value instead of -inf, so that a row with no visible key
+# (a padding query row) still gives a finite softmax.
+_MASKED_SCORE = -1.0e9
+
+
+class KVCache(nn.Cell):
+    """Per-layer key/value cache, updated in place.
+
+    Parameters ``key_past`` / ``value_past``: (B, H, seq_length, D) in compute dtype. They are
+    runtime buffers, never part of a checkpoint.
+    """
+
+    def __init__(self, batch_size, num_heads, seq_length, head_dim, dtype):
+        super().__init__()
+        shape = (batch_size, num_heads, seq_length, head_dim)
+        self.seq_length = seq_length
+        self.key_past = Parameter(Tensor(np.zeros(shape), dtype), name="key_past", requires_grad=False)
+        self.value_past = Parameter(Tensor(np.zeros(shape), dtype), name="value_past", requires_grad=False)
+        self.scatter_key = ops.ScatterNdUpdate()
+        self.scatter_value = ops.ScatterNdUpdate()
+        heads = np.arange(num_heads, dtype=np.int32)
+        self.head_index = Tensor(heads.reshape(1, num_heads, 1), mstype.int32)
+
+    def prefill(self, key, value):
+        """Store the keys/values of positions [0, S) of every row; returns the cache (B, H, T, D)."""
+        pad = self.seq_length - key.shape[2]
+        if pad > 0:
+            key = ops.pad(key, (0, 0, 0, pad))
+            value = ops.pad(value, (0, 0, 0, pad))
+        key = ops.depend(key, ops.assign(self.key_past, key))
+        value = ops.depend(value, ops.assign(self.value_past, value))
+        return key, value
+
+    def update(self, key, value, position):
+        """Write one step: key/value (B, H, 1, D) at ``position`` (B,) of each row.
+
+        Returns the whole cache (B, H, T, D) read after the write.
+        """
+        batch, heads = key.shape[0], key.shape[1]
+        batch_index = ops.arange(batch, dtype=mstype.int32).reshape(batch, 1, 1)
+        batch_index = ops.broadcast_to(batch_index, (batch, heads, 1))
+        head_index = ops.broadcast_to(self.head_index, (batch, heads, 1))
+        pos_index = ops.broadcast_to(position.reshape(batch, 1, 1), (batch, heads, 1))
+        indices = ops.concat((batch_index, head_index, pos_index), axis=-1)  # (B, H, 3)
+        key_cache = ops.depend(self.key_past, self.scatter_key(self.key_past, indices, key.squeeze(2)))
+        value_cache = ops.depend(self.value_past, self.scatter_value(self.value_past, indices, value.squeeze(2)))
+        return key_cache, value_cache
+
+
+class Baichuan2Attention(nn.Cell):
+    """Multi-head self-attention of Baichuan2 (no biases; ``W_pack`` split into wq/wk/wv).
+
+    Inputs of ``construct``:
+        x: (B, S, h) in compute dtype.
+        keep: bool, broadcastable to (B, H, S, T); False hides a key.
+        rotary: ``(cos, sin, swap_mask)`` from MindFormers' ``FreqsMgr`` (7B) or None.
+        bias: additive score bias broadcastable to (B, H, S, T) in fp32 (13B ALiBi) or None.
+        position: (B,) int32 write position of a decode step, or None for a full forward.
+    Output: (B, S, h).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.num_heads
+        self.head_dim = config.hidden_size // config.num_heads
+        self.compute_dtype = config.compute_dtype
+        self.softmax_dtype = config.softmax_compute_type
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.use_past = config.use_past
+        self.is_first_iteration = True
+
+        def linear():
+            return Linear(self.hidden_size, self.hidden_size, has_bias=False,
+                          compute_dtype=config.compute_dtype, param_init_type=config.param_init_type)
+
+        self.wq, self.wk, self.wv, self.wo = linear(), linear(), linear(), linear()
+        if config.n_kv_heads not in (None, config.num_heads):
+            raise ValueError(f"Baichuan2 uses multi-head attention: n_kv_heads must be unset or equal to "
+                             f"num_heads ({config.num_heads}), got {config.n_kv_heads}.")
+        if config.qkv_concat:
+            raise ValueError("qkv_concat: True is not supported by Baichuan2 (wq/wk/wv are kept separate, "
+                             "as in every original Baichuan2 yaml). Set qkv_concat: False.")
+        self.flash_attention = None
+        if use_flash_attention(config.use_flash_attention, config.use_past):
+            raise ValueError("use_flash_attention: the Ascend flash-attention path is not part of this CPU "
+                             "build; set use_flash_attention: False.")
+        if self.use_past:
+            self.kvcache_mgr = KVCache(config.batch_size, self.num_heads, config.seq_length, self.head_dim,
+                                       config.compute_dtype)
+        from mindformers.modules.layers import RotaryEmbedding  # pylint: disable=import-outside-toplevel
+        self.apply_rotary_emb = RotaryEmbedding(self.head_dim, config.rotary_dtype, use_rope_slice=True)
+
+    def _split_heads(self, x):
+        batch, seq, _ = x.shape
+        return x.reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def construct(self, x, keep, rotary=None, bias=None, position=None):
+        batch, seq, _ = x.shape
+        query = self._split_heads(self.wq(x))
+        key = self._split_heads(self.wk(x))
+        value = self._split_heads(self.wv(x))
+        if rotary is not None:
+            query, key = self.apply_rotary_emb(query, key, rotary)
+        if self.use_past:
+            if self.is_first_iteration:
+                self.kvcache_mgr.prefill(key, value)
+            else:
+                key, value = self.kvcache_mgr.update(key, value, position)
+
+        scores = ops.matmul(query.astype(self.compute_dtype), key.astype(self.compute_dtype).swapaxes(-1, -2))
+        scores = scores.astype(self.softmax_dtype) * self.scale
+        if bias is not None:
+            scores = scores + bias.astype(self.softmax_dtype)
+        scores = ops.select(keep, scores, ops.fill(self.softmax_dtype, scores.shape, _MASKED_SCORE))
+        probs = ops.softmax(scores, axis=-1).astype(self.compute_dtype)
+        context = ops.matmul(probs, value.astype(self.compute_dtype))  # (B, H, S, D)
+        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.hidden_size)
+        return self.wo(context)
+
+
+class Baichuan2DecodeLayer(nn.Cell):
+    """Pre-norm block: ``h = x + Attn(RMSNorm(x))``; ``out = h + MLP(RMSNorm(h))``. (B, S, h) -> (B, S, h)."""
+
+    def __init__(self, config, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        fused = use_fused_rms_norm(config.fused_rms_norm)
+        self.attention_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
+                                           compute_type=config.layernorm_compute_type, fused_kernel=fused)
+        self.ffn_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
+                                     compute_type=config.layernorm_compute_type, fused_kernel=fused)
+        self.attention = Baichuan2Attention(config)
+        self.feed_forward = LlamaFeedForward(dim=config.hidden_size,
+                                             intermediate_size=config.intermediate_size,
+                                             hidden_dim=4 * config.hidden_size,
+                                             multiple_of=config.multiple_of,
+                                             ffn_dim_multiplier=config.ffn_dim_multiplier,
+                                             compute_dtype=config.compute_dtype,
+                                             param_init_type=config.param_init_type)
+        self.residual_dtype = config.residual_dtype
+
+    def construct(self, x, keep, rotary=None, bias=None, position=None):
+        h = self.attention(self.attention_norm(x), keep, rotary, bias, position)
+        h = x.astype(self.residual_dtype) + h.astype(self.residual_dtype)
+        out = self.feed_forward(self.ffn_norm(h))
+        return h + out.astype(self.residual_dtype)
+
+
+class NormHead(nn.Cell):
+    """Baichuan2's lm_head: ``logits = x @ normalize_rows(W).T`` with W (V, h) stored raw.
+
+    Computed as ``(x @ W.T) * inv_norm`` with ``inv_norm[v] = 1 / max(||W[v]||, 1e-12)``
+    (``F.normalize``'s rule), which is the same function, so training gradients are those of the
+    normalised head. Training recomputes ``inv_norm`` every step. Inference with a KV cache computes
+    it once per prompt (prefill) from the raw weight into the ``inv_norm`` buffer and reuses it for
+    every decode step: the stored weight is never rewritten, so repeated ``generate()`` calls cannot
+    drift and a weight loaded later is picked up at the next prompt.
+
+    Input (B, S, h) or (N, h); output fp32 logits (..., V).
+    """
+
+    def __init__(self, hidden_size, vocab_size, compute_dtype, param_init_type, use_past):
+        super().__init__()
+        self.weight = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)), [vocab_size, hidden_size],
+                                            param_init_type), name="weight")
+        self.compute_dtype = compute_dtype
+        self.use_past = use_past
+        self.is_first_iteration = True
+        if use_past:
+            self.inv_norm = Parameter(Tensor(np.ones(vocab_size), mstype.float32), name="inv_norm",
+                                      requires_grad=False)
+
+    def _row_inv_norm(self):
+        weight = self.weight.astype(mstype.float32)
+        norm = ops.sqrt(ops.reduce_sum(weight * weight, -1))
+        return 1.0 / ops.maximum(norm, 1e-12)
+
+    def construct(self, x):
+        if self.training or not self.use_past:
+            inv_norm = self._row_inv_norm()
+        elif self.is_first_iteration:
+            inv_norm = self._row_inv_norm()
+            inv_norm = ops.depend(inv_norm, ops.assign(self.inv_norm, inv_norm))
+        else:
+            inv_norm = self.inv_norm
+        logits = ops.matmul(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype).T)
+        return logits.astype(mstype.float32) * inv_norm
+
+
+class Baichuan2Model(LlamaPreTrainedModel):
+    """Embedding, decoder layers and final norm; subclasses supply the position inputs.
+
+    ``construct(tokens (B, S) int32, batch_valid_length (B,) int32 or None) -> hidden (B, S, h)``.
+    ``batch_valid_length`` counts the valid tokens of each row including the current one; in a
+    decode step (``use_past`` and not the first iteration) the new token sits at index
+    ``batch_valid_length - 1``.
+    """
+
+    def __init__(self, config):
+        super().__init__(config, auto_prefix=True)
+        self.config = config
+        self.num_layers = config.num_layers
+        self.num_heads = config.num_heads
+        self.seq_length = config.seq_length
+        self.use_past = config.use_past
+        self.is_first_iteration = True
+        self.tok_embeddings = LlamaEmbedding(config.vocab_size, config.hidden_size,
+                                             init_method_std=config.init_method_std,
+                                             param_init_type=config.embedding_init_type)
+        self.layers = nn.CellList()
+        pipeline_stages = config.parallel_config.pipeline_stage
+        recompute = config.parallel_config.recompute
+        for layer_id in range(config.num_layers):
+            layer = Baichuan2DecodeLayer(config, layer_id)
+            if pipeline_stages > 1:
+                from baichuan2_parallel import layer_to_stage  # pylint: disable=import-outside-toplevel
+                layer.pipeline_stage = layer_to_stage(layer_id, config.num_layers, pipeline_stages, config.offset)
+            if getattr(recompute, "recompute", recompute) is True:
+                layer.recompute()
+            self.layers.append(layer)
+        self.norm_out = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
+                                     compute_type=config.layernorm_compute_type,
+                                     fused_kernel=use_fused_rms_norm(config.fused_rms_norm))
+        if pipeline_stages > 1:
+            self.tok_embeddings.pipeline_stage = 0
+            self.norm_out.pipeline_stage = pipeline_stages - 1
+        # Key positions 0..seq_length-1, used to build decode-step masks.
+        self.key_positions = Tensor(np.arange(config.seq_length, dtype=np.int32))
+
+    def _position_inputs(self, seq_len, position):
+        """Return ``(rotary, bias)`` for a full forward (``position`` None) or a decode step."""
+        raise NotImplementedError
+
+    def construct(self, tokens, batch_valid_length=None):
+        hidden = self.tok_embeddings(tokens).astype(self.config.compute_dtype)
+        seq_len = tokens.shape[1]
+        if self.use_past and not self.is_first_iteration:
+            position = (batch_valid_length - 1).astype(mstype.int32)                    # (B,)
+            keep = self.key_positions.reshape(1, -1) <= position.reshape(-1, 1)          # (B, T)
+            keep = keep.reshape(keep.shape[0], 1, 1, -1)                                 # (B, 1, 1, T)
+        else:
+            position = None
+            keep = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
+        rotary, bias = self._position_inputs(seq_len, position)
+        for layer in self.layers:
+            hidden = layer(hidden, keep, rotary, bias, position)
+        return self.norm_out(hidden)
+
+
+class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
+    """Causal LM head, loss and generation around a ``Baichuan2Model`` subclass.
+
+    ``construct(input_ids, labels=None, ..., batch_valid_length=None)``:
+      * training: ``input_ids`` (B, S+1); predicts ``input_ids[:, 1:]`` (or ``labels[:, 1:]``) from
+        ``input_ids[:, :S]``; positions whose input is pad or whose label is ``ignore_token_id`` do
+        not count. Returns the mean loss (fp32 scalar).
+      * inference with ``batch_valid_length`` (B,): fp32 logits (B, V) of each row's last valid
+        token (prefill) or of the decoded token (decode step).
+      * evaluation without it: ``(logits (B, S, V) fp32, tokens (B, S), input_mask (B, S))`` as in
+        MindFormers, for the perplexity metric.
+    """
+    model_class = None
+
+    def __init__(self, config):
+        super().__init__(config, auto_prefix=True)
+        self.config = config
+        self.ignore_token_id = config.ignore_token_id
+        self.pad_token_id = config.pad_token_id
+        self.use_past = config.use_past
+        self.vocab_size = config.vocab_size
+        self.is_first_iteration = True
+        self.model = self.model_class(config)
+        self.lm_head = NormHead(config.hidden_size, config.vocab_size, config.compute_dtype,
+                                config.param_init_type, config.use_past)
+        if config.parallel_config.pipeline_stage > 1:
+            self.lm_head.pipeline_stage = config.parallel_config.pipeline_stage - 1
+        loss_parallel_config = config.parallel_config
+        self.loss = CrossEntropyLoss(parallel_config=loss_parallel_config)
+        self.load_checkpoint(config)
+
+    def set_decode_phase(self, is_first_iteration):
+        """Switch every cell between prefill/full forward (True) and single-token decode (False)."""
+        self.add_flags_recursive(is_first_iteration=is_first_iteration)
+
+    def prepare_inputs_for_generation(self, input_ids, **kwargs):
+        return {"input_ids": Tensor(input_ids, mstype.int32)}
+
+    def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
+                  input_embeds=None, init_reset=None, batch_valid_length=None):
+        batch, seq = input_ids.shape
+        if self.training:
+            tokens = input_ids[:, :seq - 1]
+        else:
+            tokens = input_ids
+        hidden = self.model(tokens, batch_valid_length)
+        if not self.training and batch_valid_length is not None:
+            if self.use_past and not self.is_first_iteration:
+                last = hidden[:, -1]                                                     # (B, h)
+            else:
+                index = (batch_valid_length - 1).astype(mstype.int32).reshape(batch, 1, 1)
+                index = ops.broadcast_to(index, (batch, 1, hidden.shape[-1]))
+                last = ops.gather_elements(hidden, 1, index).squeeze(1)                   # (B, h)
+            return self.lm_head(last)
+        logits = self.lm_head(hidden)
+        input_mask = ops.not_equal(tokens, self.pad_token_id).astype(mstype.float32)
+        if not self.training:
+            return logits, tokens, input_mask
+        if labels is None:
+            labels = input_ids[:, 1:]
+        else:
+            labels = labels[:, 1:]
+            input_mask = input_mask * ops.not_equal(labels, self.ignore_token_id).astype(mstype.float32)
+        return self.loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).astype(mstype.int32),
+                         input_mask.reshape(-1))

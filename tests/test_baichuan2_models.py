@@ -1,0 +1,175 @@
+"""Baichuan2-7B/13B networks against an independent PyTorch reference and ``transformers`` Llama.
+
+Weights are random, written as a Hugging Face checkpoint and converted by ``convert_weight.py``, so
+these tests also cover the name mapping and the ``W_pack`` split. Float32 on CPU.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+import mindspore as ms
+
+from reference.torch_baichuan2 import TorchBaichuan2, alibi_slopes
+from model_fixtures import tiny_pair, build_network, execution_mode
+
+from baichuan2_13b import build_alibi_slopes
+
+LOGIT_ATOL = 1e-4
+MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
+
+
+@pytest.fixture(scope="module", params=["7b", "13b"])
+def tiny(request, tmp_path_factory):
+    """(kind, hf_state_dict, hf_config, ms_ckpt, torch reference) for one architecture."""
+    kind = request.param
+    state_dict, hf_config, ckpt = tiny_pair(kind, str(tmp_path_factory.mktemp(kind)))
+    reference = TorchBaichuan2(state_dict, hf_config, "rope" if kind == "7b" else "alibi")
+    return kind, state_dict, hf_config, ckpt, reference
+
+
+def _random_ids(shape, vocab, seed=0):
+    return np.random.RandomState(seed).randint(3, vocab, size=shape).astype(np.int32)
+
+
+def test_alibi_slopes_40_heads_closed_form():
+    slopes = build_alibi_slopes(40)
+    expected = [2.0 ** (-(i + 1) / 4) for i in range(32)] + [2.0 ** (-(2 * k + 1) / 8) for k in range(8)]
+    np.testing.assert_allclose(slopes, expected, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(slopes[:4], [0.8408964, 0.7071068, 0.5946036, 0.5], atol=1e-7)
+    np.testing.assert_allclose(slopes[32:], [0.9170040, 0.7711054, 0.6484197, 0.5452539,
+                                             0.4585020, 0.3855527, 0.3242099, 0.2726270], atol=1e-7)
+    for heads in (5, 8, 12, 32, 40):
+        np.testing.assert_allclose(build_alibi_slopes(heads), alibi_slopes(heads), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_logits_match_reference(tiny, mode):
+    kind, _, hf_config, ckpt, reference = tiny
+    ids = _random_ids((2, 24), hf_config["vocab_size"], seed=1)
+    with execution_mode(MODES[mode]):
+        net = build_network(kind, hf_config, ckpt)
+        logits = net(ms.Tensor(ids))[0].asnumpy()
+    expected = reference.logits(ids).numpy()
+    assert logits.shape == expected.shape == (2, 24, hf_config["vocab_size"])
+    assert np.abs(logits - expected).max() <= LOGIT_ATOL
+
+
+def test_7b_matches_transformers_llama(tmp_path):
+    """Baichuan2-7B is Llama with a fused W_pack and a row-normalised head."""
+    from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
+    state_dict, hf_config, ckpt = tiny_pair("7b", str(tmp_path), seed=3)
+    h = hf_config["hidden_size"]
+    llama = LlamaForCausalLM(HFLlamaConfig(
+        vocab_size=hf_config["vocab_size"], hidden_size=h, intermediate_size=hf_config["intermediate_size"],
+        num_hidden_layers=hf_config["num_hidden_layers"], num_attention_heads=hf_config["num_attention_heads"],
+        rms_norm_eps=hf_config["rms_norm_eps"], rope_theta=10000.0, tie_word_embeddings=False,
+        max_position_embeddings=4096, attention_bias=False, mlp_bias=False)).eval()
+    llama_state = {}
+    for name, tensor in state_dict.items():
+        if "W_pack" in name:
+            prefix = name.replace("W_pack.weight", "")
+            q, k, v = tensor.split(h, dim=0)
+            llama_state.update({prefix + "q_proj.weight": q, prefix + "k_proj.weight": k, prefix + "v_proj.weight": v})
+        elif name == "lm_head.weight":
+            llama_state[name] = torch.nn.functional.normalize(tensor, dim=-1)
+        else:
+            llama_state[name] = tensor
+    missing, unexpected = llama.load_state_dict(llama_state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    ids = _random_ids((2, 20), hf_config["vocab_size"], seed=4)
+    with torch.no_grad():
+        expected = llama(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    net = build_network("7b", hf_config, ckpt)
+    logits = net(ms.Tensor(ids))[0].asnumpy()
+    assert np.abs(logits - expected).max() <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_loss_matches_reference_cross_entropy(tiny, mode):
+    kind, _, hf_config, ckpt, reference = tiny
+    rng = np.random.RandomState(5)
+    ids = _random_ids((3, 17), hf_config["vocab_size"], seed=5)      # seq_length 16 + 1
+    ids[0, 12:] = 0                                                  # right padding
+    ids[2, 15:] = 0
+    labels = ids.copy()
+    labels[rng.rand(*labels.shape) < 0.3] = -100                      # ignored labels
+    labels[1, :6] = -100
+    with execution_mode(MODES[mode]):
+        net = build_network(kind, hf_config, ckpt, seq_length=16, batch_size=3)
+        net.set_train(True)
+        loss = float(net(ms.Tensor(ids), ms.Tensor(labels.astype(np.int32))).asnumpy().reshape(-1)[0])
+    expected = float(reference.loss(ids, labels))
+    assert math.isclose(loss, expected, rel_tol=2e-5, abs_tol=1e-5), (loss, expected)
+
+
+def _prompts(vocab):
+    rng = np.random.RandomState(7)
+    return [list(rng.randint(3, vocab, size=n)) for n in (9, 4, 13)]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_greedy_with_kv_cache_matches_without_and_reference(tiny, mode):
+    kind, _, hf_config, ckpt, reference = tiny
+    prompts = _prompts(hf_config["vocab_size"])
+    new_tokens = 8
+    expected = [reference.greedy(p, new_tokens, eos_token_id=-1) for p in prompts]
+    with execution_mode(MODES[mode]):
+        cached = build_network(kind, hf_config, ckpt, use_past=True, batch_size=2, seq_length=32)
+        uncached = build_network(kind, hf_config, ckpt, use_past=False, seq_length=32)
+        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1)
+        alone = [cached.generate([p], **kwargs)[0] for p in prompts]
+        batched = cached.generate(prompts, **kwargs)              # 3 rows through a cache of batch 2
+        padded = np.zeros((2, 16), dtype=np.int32)                  # right-padded 2-D input
+        for i, p in enumerate(prompts[:2]):
+            padded[i, :len(p)] = p
+        padded_out = cached.generate(padded, **kwargs)
+        no_cache = uncached.generate(prompts, **kwargs)
+    assert alone == expected
+    assert batched == expected
+    assert padded_out == expected[:2]
+    assert no_cache == expected
+
+
+def test_generate_stops_at_eos_and_respects_length_limits(tiny):
+    kind, _, hf_config, ckpt, reference = tiny
+    prompt = _prompts(hf_config["vocab_size"])[0]
+    free_run = reference.greedy(prompt, 6, eos_token_id=-1)
+    eos = free_run[len(prompt) + 2]                      # pretend the third new token is eos
+    stop = free_run.index(eos, len(prompt)) + 1
+    net = build_network(kind, hf_config, ckpt, use_past=True, seq_length=32)
+    out = net.generate([prompt], max_new_tokens=6, do_sample=False, eos_token_id=eos)[0]
+    assert out == free_run[:stop]
+    out = net.generate([prompt], max_length=len(prompt) + 4, do_sample=False, eos_token_id=-1)[0]
+    assert out == free_run[:len(prompt) + 4]
+    out = net.generate([prompt], max_new_tokens=1000, do_sample=False, eos_token_id=-1)[0]
+    assert len(out) == 32                                 # capped at seq_length
+    with pytest.raises(ValueError, match="leaves no room"):
+        net.generate([list(range(3, 40))], max_new_tokens=2, do_sample=False)
+
+
+def test_norm_head_is_normalised_at_runtime_and_does_not_drift(tiny):
+    kind, state_dict, hf_config, ckpt, _ = tiny
+    net = build_network(kind, hf_config, ckpt, use_past=True, seq_length=32)
+    raw = net.lm_head.weight.asnumpy().copy()
+    np.testing.assert_array_equal(raw, state_dict["lm_head.weight"].numpy())   # stored raw
+    prompt = _prompts(hf_config["vocab_size"])[1]
+    runs = [net.generate([prompt], max_new_tokens=6, do_sample=False, eos_token_id=-1)[0] for _ in range(3)]
+    assert runs[0] == runs[1] == runs[2]
+    np.testing.assert_array_equal(net.lm_head.weight.asnumpy(), raw)           # never rewritten
+    np.testing.assert_allclose(net.lm_head.inv_norm.asnumpy(), 1.0 / np.linalg.norm(raw, axis=-1), rtol=1e-6)
+    # A weight loaded later is normalised at the next prompt: rescaling each row by its own factor
+    # leaves the normalised head unchanged (a stale norm would not).
+    factors = np.random.RandomState(9).uniform(0.2, 5.0, size=(raw.shape[0], 1)).astype(np.float32)
+    net.lm_head.weight.set_data(ms.Tensor(raw * factors))
+    assert net.generate([prompt], max_new_tokens=6, do_sample=False, eos_token_id=-1)[0] == runs[0]
+    np.testing.assert_allclose(net.lm_head.inv_norm.asnumpy(),
+                               1.0 / np.linalg.norm(raw * factors, axis=-1), rtol=1e-6)
+
+
+def test_fused_rms_norm_request_falls_back_on_cpu(tiny):
+    kind, _, hf_config, ckpt, reference = tiny
+    ids = _random_ids((1, 10), hf_config["vocab_size"], seed=8)
+    net = build_network(kind, hf_config, ckpt, fused_rms_norm=True)
+    logits = net(ms.Tensor(ids))[0].asnumpy()
+    assert np.abs(logits - reference.logits(ids).numpy()).max() <= LOGIT_ATOL
