@@ -32,6 +32,9 @@ logger = logging.getLogger("baichuan2")
 _GENERATION_KEYS = ("max_length", "max_new_tokens", "do_sample", "top_k", "top_p", "temperature",
                     "repetition_penalty", "eos_token_id", "pad_token_id", "use_past", "num_beams",
                     "return_dict_in_generate")
+# Passed through by MindFormers' Trainer/pipeline to every model's generate(); not generation settings.
+_PIPELINE_PASSTHROUGH = ("audio_processor", "image_processor", "is_full_config", "tokenizer", "task",
+                         "model_name", "batch_size")
 
 
 def apply_repetition_penalty(logits, previous_ids, penalty):
@@ -103,6 +106,7 @@ class Baichuan2GenerationMixin:
 
     def _generation_config(self, generation_config, kwargs):
         config = copy.deepcopy(generation_config or self.generation_config)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _PIPELINE_PASSTHROUGH}
         unknown = {k: v for k, v in kwargs.items() if k not in _GENERATION_KEYS and not hasattr(config, k)}
         if unknown:
             raise TypeError(f"generate() got unknown arguments: {sorted(unknown)}")

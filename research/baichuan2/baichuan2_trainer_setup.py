@@ -1,0 +1,93 @@
+"""Everything MindFormers' Trainer needs to run Baichuan2 configs here, in one place.
+
+* ``FP32StateAdamWeightDecay``: the optimizer the original YAMLs name. MindFormers 1.8 dropped it;
+  this registers the name again as MindFormers' ``AdamW`` (fp32 moments) with the original
+  ``beta1``/``beta2``/``eps``/``weight_decay`` keys, so the YAMLs keep working unchanged.
+* ``prepare_cpu_training()``: MindSpore's loss-scale wrapper checks overflow with
+  ``NPUGetFloatStatusV2``, an Ascend-only kernel. On CPU only, the check is replaced by
+  ``IsFinite`` + ``ReduceAll`` over the gradients, which tells the same thing.
+"""
+import logging
+
+from mindspore import nn, ops
+from mindspore import dtype as mstype
+from mindspore.train.callback import Callback
+from mindformers.core.callback import CheckpointMonitor
+from mindformers.core.optim import AdamW
+from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
+
+from baichuan2_device import device_capabilities, check_parallel_supported
+
+logger = logging.getLogger("baichuan2")
+
+
+@MindFormerRegister.register(MindFormerModuleType.OPTIMIZER)
+class FP32StateAdamWeightDecay:
+    """AdamW with fp32 first/second moments, configured with the original YAML keys."""
+
+    def __new__(cls, params, learning_rate=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, **kwargs):
+        unknown = set(kwargs) - {"param_init_type"}
+        if unknown:
+            raise TypeError(f"FP32StateAdamWeightDecay got unexpected YAML keys {sorted(unknown)}")
+        return AdamW(params, learning_rate=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+
+
+@MindFormerRegister.register(MindFormerModuleType.CALLBACK)
+class CheckpointMointor(CheckpointMonitor):
+    """The original YAMLs' (misspelt) name of MindFormers' ``CheckpointMonitor``; same arguments."""
+
+
+@MindFormerRegister.register(MindFormerModuleType.CALLBACK)
+class ObsMonitor(Callback):
+    """The original YAMLs' ModelArts OBS upload callback, gone from MindFormers 1.8.
+
+    Outside ModelArts it never did anything; here it stays inert so those YAMLs load, and says so
+    once if an upload was asked for.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        if kwargs.get("remote_save_url") or args:
+            logger.warning("ObsMonitor: uploading to OBS (ModelArts) is not supported here; nothing is uploaded.")
+
+
+def _portable_overflow_status(self, status, compute_output):  # pylint: disable=unused-argument
+    """Overflow = some gradient is inf/nan; all-reduced over data-parallel ranks (``status`` unused)."""
+    finite = ops.stack([ops.isfinite(grad).all() for grad in compute_output]).all()
+    overflow = ops.logical_not(finite)
+    if self.is_distributed:
+        overflow = ops.cast(self.allreduce(ops.cast(overflow, mstype.float32)), mstype.bool_)
+    return overflow
+
+
+def prepare_cpu_training():
+    """Make MindFormers' loss-scale training wrappers run on CPU (no-op on Ascend/GPU)."""
+    if device_capabilities().device_target != "CPU":
+        return
+    nn.TrainOneStepWithLossScaleCell.get_overflow_status = _portable_overflow_status
+
+
+def adapt_parallel_for_device(config):
+    """On a device without operator/pipeline parallel, run ``use_parallel`` as plain data parallel.
+
+    The original YAMLs ask for semi-auto parallel (``parallel_mode: 1``, ``full_batch: True``), which
+    MindSpore's CPU backend cannot compile. With ``model_parallel == pipeline_stage == 1`` that layout
+    is pure data parallelism, so it is run in ``data_parallel`` mode: each rank reads its own shard
+    of the data and gradients are averaged. Anything else is refused with a plain message.
+    """
+    caps = device_capabilities(config.context.device_target)
+    if not config.use_parallel or caps.operator_parallel:
+        return
+    parallel_config = config.parallel_config
+    check_parallel_supported(parallel_config.model_parallel or 1, parallel_config.pipeline_stage or 1)
+    parallel = config.parallel
+    if parallel.parallel_mode not in (0, "data_parallel"):
+        logger.info("%s: running parallel_mode %s as data_parallel (model_parallel = pipeline_stage = 1)",
+                    caps.device_target, parallel.parallel_mode)
+    parallel.parallel_mode = 0
+    parallel.full_batch = False
+    parallel.gradients_mean = True
+    parallel.enable_parallel_optimizer = False
+    parallel.pop("search_mode", None)
+    parallel.pop("strategy_ckpt_save_file", None)
+    parallel.pop("strategy_ckpt_config", None)

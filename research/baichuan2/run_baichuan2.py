@@ -1,0 +1,99 @@
+"""Baichuan2 train / finetune / eval / predict through the MindFormers ``Trainer``.
+
+The command line of the original ``research/baichuan2/run_baichuan2.py``, plus ``--device_target``
+(CPU here, Ascend in production), ``--train_data`` as an explicit alias of ``--train_dataset`` (the
+documentation uses both) and ``--output_dir``. Example (from ``research/``)::
+
+    python baichuan2/run_baichuan2.py --config baichuan2/run_baichuan2_7b.yaml --run_mode finetune \\
+        --load_checkpoint model_dir/xxx.ckpt --train_data dataset_dir
+
+Everything that must be checked (config, dataset, checkpoint, parallel layout) is checked before
+anything compiles, and reported as one line on stderr with exit status 2.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+RUN_MODES = ("train", "finetune", "eval", "predict", "export")
+
+
+def str2bool(value):
+    """argparse type for True/False flags, as in the original scripts."""
+    if isinstance(value, bool):
+        return value
+    lowered = str(value).lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def build_parser():
+    """The original CLI (facts sheet §6.1) plus --device_target, --train_data and --output_dir."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", default="text_generation", type=str, help="MindFormers task name.")
+    parser.add_argument("--config", default="baichuan2/run_baichuan2_7b.yaml", type=str,
+                        help="YAML config (run_baichuan2_*.yaml).")
+    parser.add_argument("--run_mode", default="train", choices=RUN_MODES, help="What to run.")
+    parser.add_argument("--seq_length", default=None, type=int, help="Overrides model.model_config.seq_length.")
+    parser.add_argument("--use_parallel", default=None, type=str2bool, help="Overrides use_parallel.")
+    parser.add_argument("--device_id", default=None, type=int, help="Overrides context.device_id.")
+    parser.add_argument("--device_target", default=None, choices=("CPU", "Ascend", "GPU"),
+                        help="Overrides context.device_target (CPU on machines without Ascend).")
+    parser.add_argument("--mode", default=None, type=int,
+                        help="context.mode: 0 graph (default of the yaml), 1 PyNative (also turns off recompute).")
+    parser.add_argument("--load_checkpoint", default=None, type=str,
+                        help="Checkpoint file, or folder (a complete ckpt, base + lora ckpts, or rank_x/ folders).")
+    parser.add_argument("--src_strategy", default=None, type=str, help="Strategy of a distributed checkpoint.")
+    parser.add_argument("--auto_trans_ckpt", default=None, type=str2bool, help="Transform checkpoints to the layout.")
+    parser.add_argument("--resume", default=None, type=str2bool,
+                        help="Continue from the last checkpoint in output_dir (step, optimizer, lr schedule).")
+    parser.add_argument("--train_dataset", "--train_data", dest="train_dataset", default="", type=str,
+                        help="Training MindRecord folder (or file).")
+    parser.add_argument("--eval_dataset", default="", type=str, help="Evaluation MindRecord folder (or file).")
+    parser.add_argument("--predict_data", default="", type=str, nargs="+",
+                        help="Prompt(s), or one text file with one prompt per line.")
+    parser.add_argument("--max_length", default=512, type=int, help="Maximum total length for predict.")
+    parser.add_argument("--max_new_tokens", default=None, type=int, help="Maximum new tokens for predict.")
+    parser.add_argument("--remote_save_url", default="", type=str, help="ModelArts OBS url (not used here).")
+    parser.add_argument("--vocab_file", default=None, type=str, help="Overrides processor.tokenizer.vocab_file.")
+    parser.add_argument("--output_dir", default=None, type=str, help="Overrides output_dir (default ./output).")
+    parser.add_argument("--dp", default=None, type=int, help="parallel_config.data_parallel")
+    parser.add_argument("--mp", default=None, type=int, help="parallel_config.model_parallel")
+    parser.add_argument("--pp", default=None, type=int, help="parallel_config.pipeline_stage")
+    parser.add_argument("--micro_batch_num", default=None, type=int, help="parallel_config.micro_batch_num")
+    return parser
+
+
+def read_predict_data(predict_data):
+    """A list of prompts: the arguments themselves, or the lines of a single existing text file."""
+    if not predict_data:
+        return []
+    if len(predict_data) == 1 and os.path.isfile(predict_data[0]):
+        with open(predict_data[0], encoding="utf-8") as handle:
+            prompts = [line.rstrip("\n") for line in handle if line.strip()]
+        if not prompts:
+            raise ValueError(f"--predict_data file {predict_data[0]} has no prompt (one prompt per line).")
+        return prompts
+    return list(predict_data)
+
+
+def main(argv=None):
+    """Parse, check, then hand over to ``mindformers.Trainer``. Returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    from baichuan2_run_setup import RunSetupError, prepare_run   # heavy imports after argument parsing
+    try:
+        config = prepare_run(args)
+    except (RunSetupError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from baichuan2_run_setup import run_trainer
+    run_trainer(config, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
