@@ -19,7 +19,8 @@ class Baichuan7BV2Model(Baichuan2Model):
     def __init__(self, config):
         super().__init__(config)
         head_dim = config.hidden_size // config.num_heads
-        self.freqs_mgr = FreqsMgr(head_dim=head_dim, seq_length=config.seq_length,
+        # One extra position so that evaluation can run on training records (seq_length + 1 tokens).
+        self.freqs_mgr = FreqsMgr(head_dim=head_dim, seq_length=config.seq_length + 1,
                                   max_position_embedding=config.max_position_embedding,
                                   rotary_dtype=config.rotary_dtype, theta=config.theta,
                                   scaling_factor=config.scaling_factor, extend_method=config.extend_method)

@@ -89,6 +89,8 @@ class Baichuan2Attention(nn.Cell):
         rotary: ``(cos, sin, swap_mask)`` from MindFormers' ``FreqsMgr`` (7B) or None.
         bias: additive score bias broadcastable to (B, H, S, T) in fp32 (13B ALiBi) or None.
         position: (B,) int32 write position of a decode step, or None for a full forward.
+        write_cache: a full forward that starts generation stores its keys/values in the cache;
+            other full forwards (training, evaluation) leave the cache alone.
     Output: (B, S, h).
     """
 
@@ -128,7 +130,7 @@ class Baichuan2Attention(nn.Cell):
         batch, seq, _ = x.shape
         return x.reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None):
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=False):
         batch, seq, _ = x.shape
         query = self._split_heads(self.wq(x))
         key = self._split_heads(self.wk(x))
@@ -136,10 +138,10 @@ class Baichuan2Attention(nn.Cell):
         if rotary is not None:
             query, key = self.apply_rotary_emb(query, key, rotary)
         if self.use_past:
-            if self.is_first_iteration:
-                self.kvcache_mgr.prefill(key, value)
-            else:
+            if position is not None:
                 key, value = self.kvcache_mgr.update(key, value, position)
+            elif write_cache:
+                self.kvcache_mgr.prefill(key, value)
 
         scores = ops.matmul(query.astype(self.compute_dtype), key.astype(self.compute_dtype).swapaxes(-1, -2))
         scores = scores.astype(self.softmax_dtype) * self.scale
@@ -173,8 +175,8 @@ class Baichuan2DecodeLayer(nn.Cell):
                                              param_init_type=config.param_init_type)
         self.residual_dtype = config.residual_dtype
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None):
-        h = self.attention(self.attention_norm(x), keep, rotary, bias, position)
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=False):
+        h = self.attention(self.attention_norm(x), keep, rotary, bias, position, write_cache)
         h = x.astype(self.residual_dtype) + h.astype(self.residual_dtype)
         out = self.feed_forward(self.ffn_norm(h))
         return h + out.astype(self.residual_dtype)
@@ -276,8 +278,9 @@ class Baichuan2Model(LlamaPreTrainedModel):
             position = None
             keep = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
         rotary, bias = self._position_inputs(seq_len, position)
+        write_cache = self.use_past and position is None and batch_valid_length is not None
         for layer in self.layers:
-            hidden = layer(hidden, keep, rotary, bias, position)
+            hidden = layer(hidden, keep, rotary, bias, position, write_cache)
         return self.norm_out(hidden)
 
 
@@ -291,7 +294,8 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
       * inference with ``batch_valid_length`` (B,): fp32 logits (B, V) of each row's last valid
         token (prefill) or of the decoded token (decode step).
       * evaluation without it: ``(logits (B, S, V) fp32, tokens (B, S), input_mask (B, S))`` as in
-        MindFormers, for the perplexity metric.
+        MindFormers, for the perplexity metric; ``input_mask`` is 0 on pad inputs and, when ``labels``
+        are given, where the label is ``ignore_token_id``.
     """
     model_class = None
 
@@ -337,12 +341,14 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
             return self.lm_head(last)
         logits = self.lm_head(hidden)
         input_mask = ops.not_equal(tokens, self.pad_token_id).astype(mstype.float32)
+        if labels is not None and self.training:
+            labels = labels[:, 1:]
+        if labels is not None:
+            input_mask = input_mask * ops.not_equal(labels, self.ignore_token_id).astype(mstype.float32)
         if not self.training:
+            # As MindFormers: the metric shifts itself (predicts tokens[1:] where input_mask[1:] is set).
             return logits, tokens, input_mask
         if labels is None:
             labels = input_ids[:, 1:]
-        else:
-            labels = labels[:, 1:]
-            input_mask = input_mask * ops.not_equal(labels, self.ignore_token_id).astype(mstype.float32)
         return self.loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).astype(mstype.int32),
                          input_mask.reshape(-1))

@@ -63,7 +63,7 @@ def apply_overrides(config, args):
     if args.eval_dataset:
         config.eval_dataset.data_loader.dataset_dir = args.eval_dataset
     config.run_mode = args.run_mode
-    if args.run_mode in ("train", "finetune"):
+    if args.run_mode in ("train", "finetune", "eval"):
         model_config.use_past = False        # the cache is for generation only, as in the original
     return config
 

@@ -74,8 +74,8 @@ class Baichuan2Tokenizer(PreTrainedTokenizer):
         self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
         self.sp_model.Load(vocab_file)
         if self.sp_model.decode(self.sp_model.encode(_ROUND_TRIP_PROBE)) != _ROUND_TRIP_PROBE:
-            logger.warning("%s normalises text (whitespace or dummy prefix): decode(encode(text)) "
-                           "will not always give the text back", vocab_file)
+            logger.warning("%s is lossy (whitespace folding, dummy prefix or no byte fallback): "
+                           "decode(encode(text)) will not always give the text back", vocab_file)
 
         super().__init__(
             bos_token=_special(bos_token),
@@ -105,6 +105,10 @@ class Baichuan2Tokenizer(PreTrainedTokenizer):
     def vocab_size(self) -> int:
         """Number of SentencePiece pieces (added tokens not included)."""
         return self.sp_model.get_piece_size()
+
+    def __len__(self) -> int:
+        # The base class counts special tokens twice when they are already pieces.
+        return self.vocab_size + sum(1 for index in self._added_tokens_decoder if index >= self.vocab_size)
 
     def get_vocab(self) -> Dict[str, int]:
         """Piece -> id for all pieces and added tokens."""
@@ -211,8 +215,9 @@ class Baichuan2Tokenizer(PreTrainedTokenizer):
     def _decode(self, token_ids, skip_special_tokens: bool = False,
                 clean_up_tokenization_spaces: Optional[bool] = None, **kwargs) -> str:
         # Runs of ordinary ids go through SentencePiece in one call so byte-fallback pieces
-        # join into characters; special tokens are written as they are, without padding
-        # spaces, so the text round-trips.
+        # join into characters; special tokens are written as they are, without the spaces
+        # the legacy decoders insert (spaces_between_special_tokens is ignored), so the text
+        # round-trips.
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         kwargs.pop("use_source_tokenizer", None)
@@ -251,8 +256,9 @@ class StreamDecoder:
 
     * Byte-fallback pieces (``<0xE4>`` ...) are held back until they form a whole UTF-8
       character, so a partial character is never emitted (``end()`` flushes a dangling one).
-    * Each step decodes the new ids together with the previously emitted ids and returns only
-      the difference, so SentencePiece's handling of a leading ``▁`` never eats a space.
+    * Each step decodes the new ids together with already emitted ones (back to the last piece
+      with visible text) and returns only the difference, so SentencePiece's handling of a
+      leading ``▁`` never eats a space.
     """
 
     def __init__(self, tokenizer: Baichuan2Tokenizer, skip_special_tokens: bool = False):
@@ -283,10 +289,27 @@ class StreamDecoder:
         self._context, self._pending = [], []
 
     def _emit(self) -> str:
+        ids = self._context + self._pending
         before = self._sp.decode(self._context)
-        after = self._sp.decode(self._context + self._pending)
-        self._context, self._pending = self._pending, []
+        after = self._sp.decode(ids)
+        self._context, self._pending = ids[self._anchor(ids):], []
         return after[len(before):]
+
+    def _anchor(self, ids: List[int]) -> int:
+        """Index of the last piece with visible text, where the next context may start.
+
+        SentencePiece strips *all* leading '▁' of a decoded sequence when the model adds a
+        dummy prefix, so a context made only of spaces would swallow the spaces that follow.
+        Starting at a piece with other text (never a byte piece, which may be mid-character)
+        keeps both decodes aligned; without one, keep the whole run.
+        """
+        for pos in range(len(ids) - 1, -1, -1):
+            index = ids[pos]
+            if (self._sp.is_byte(index) or self._sp.is_control(index) or self._sp.is_unknown(index)):
+                continue
+            if self._sp.id_to_piece(index).strip("\u2581"):
+                return pos
+        return 0
 
     def _flush(self) -> str:
         text = self._emit() if self._pending else ""

@@ -3,13 +3,18 @@
 * ``FP32StateAdamWeightDecay``: the optimizer the original YAMLs name. MindFormers 1.8 dropped it;
   this registers the name again as MindFormers' ``AdamW`` (fp32 moments) with the original
   ``beta1``/``beta2``/``eps``/``weight_decay`` keys, so the YAMLs keep working unchanged.
+* ``TokenPerplexityMetric``: perplexity over tokens, ``exp(sum NLL / number of counted tokens)``
+  over the whole dataset (MindFormers' ``PerplexityMetric`` averages per-batch means instead).
 * ``prepare_cpu_training()``: MindSpore's loss-scale wrapper checks overflow with
   ``NPUGetFloatStatusV2``, an Ascend-only kernel. On CPU only, the check is replaced by
   ``IsFinite`` + ``ReduceAll`` over the gradients, which tells the same thing.
 """
 import logging
+import math
 
-from mindspore import nn, ops
+import numpy as np
+
+from mindspore import nn, ops, Tensor
 from mindspore import dtype as mstype
 from mindspore.train.callback import Callback
 from mindformers.core.callback import CheckpointMonitor
@@ -91,3 +96,44 @@ def adapt_parallel_for_device(config):
     parallel.pop("search_mode", None)
     parallel.pop("strategy_ckpt_save_file", None)
     parallel.pop("strategy_ckpt_config", None)
+
+
+@MindFormerRegister.register(MindFormerModuleType.METRIC)
+class TokenPerplexityMetric(nn.Metric):
+    """Token-level perplexity of a causal LM over a dataset.
+
+    ``update(logits (B, S, V), tokens (B, S), input_mask (B, S))`` (the network's eval outputs) adds
+    the NLL of ``tokens[:, 1:]`` under ``logits[:, :-1]`` where ``input_mask[:, 1:]`` is set;
+    ``eval()`` returns ``{"loss": mean NLL per token, "PPL": exp(loss), "tokens": count}``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total_nll = 0.0
+        self.count = 0
+
+    def clear(self):
+        self.total_nll = 0.0
+        self.count = 0
+
+    def update(self, *inputs):
+        logits, tokens, input_mask = (x.asnumpy() if isinstance(x, Tensor) else np.asarray(x) for x in inputs[:3])
+        for row_logits, row_tokens, row_mask in zip(logits, tokens, input_mask):
+            keep = row_mask[1:] > 0
+            if not keep.any():
+                continue
+            scores = row_logits[:-1][keep].astype(np.float64)                    # (N, V)
+            targets = row_tokens[1:][keep].astype(np.int64)
+            peak = scores.max(axis=-1, keepdims=True)
+            log_norm = np.log(np.exp(scores - peak).sum(axis=-1)) + peak[:, 0]
+            self.total_nll += float((log_norm - scores[np.arange(len(targets)), targets]).sum())
+            self.count += int(keep.sum())
+
+    def eval(self):
+        if self.count == 0:
+            raise ValueError("TokenPerplexityMetric: no token was counted (empty dataset or all masked)")
+        loss = self.total_nll / self.count
+        result = {"loss": loss, "PPL": math.exp(loss), "tokens": self.count}
+        logger.info("perplexity: %s", result)
+        print(f"Perplexity: {result}", flush=True)
+        return result
