@@ -167,9 +167,12 @@ def test_norm_head_is_normalised_at_runtime_and_does_not_drift(tiny):
                                1.0 / np.linalg.norm(raw * factors, axis=-1), rtol=1e-6)
 
 
-def test_fused_rms_norm_request_falls_back_on_cpu(tiny):
+def test_ascend_fast_paths_fall_back_on_cpu(tiny):
+    """fused_rms_norm / use_flash_attention stay selectable; on CPU the portable path gives the same logits."""
     kind, _, hf_config, ckpt, reference = tiny
     ids = _random_ids((1, 10), hf_config["vocab_size"], seed=8)
-    net = build_network(kind, hf_config, ckpt, fused_rms_norm=True)
+    net = build_network(kind, hf_config, ckpt, fused_rms_norm=True, use_flash_attention=True)
+    assert not net.model.layers[0].attention.use_flash_attention
+    assert net.model.layers[0].attention_norm.self_define          # portable RMSNorm, not the RmsNorm kernel
     logits = net(ms.Tensor(ids))[0].asnumpy()
     assert np.abs(logits - reference.logits(ids).numpy()).max() <= LOGIT_ATOL

@@ -116,10 +116,8 @@ class Baichuan2Attention(nn.Cell):
         if config.qkv_concat:
             raise ValueError("qkv_concat: True is not supported by Baichuan2 (wq/wk/wv are kept separate, "
                              "as in every original Baichuan2 yaml). Set qkv_concat: False.")
-        self.flash_attention = None
-        if use_flash_attention(config.use_flash_attention, config.use_past):
-            raise ValueError("use_flash_attention: the Ascend flash-attention path is not part of this CPU "
-                             "build; set use_flash_attention: False.")
+        # Ascend's fused kernel for full-sequence forwards; the device module decides (never on CPU).
+        self.use_flash_attention = use_flash_attention(config.use_flash_attention, config.use_past)
         if self.use_past:
             self.kvcache_mgr = KVCache(config.batch_size, self.num_heads, config.seq_length, self.head_dim,
                                        config.compute_dtype)
@@ -143,15 +141,36 @@ class Baichuan2Attention(nn.Cell):
             elif write_cache:
                 self.kvcache_mgr.prefill(key, value)
 
+        if self.use_flash_attention:
+            context = self._flash_attention(query, key, value, keep, bias)
+        else:
+            context = self._attention(query, key, value, keep, bias)
+        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.hidden_size)
+        return self.wo(context)
+
+    def _attention(self, query, key, value, keep, bias):
+        """Portable attention: (B, H, S, D) x (B, H, T, D) -> (B, H, S, D)."""
         scores = ops.matmul(query.astype(self.compute_dtype), key.astype(self.compute_dtype).swapaxes(-1, -2))
         scores = scores.astype(self.softmax_dtype) * self.scale
         if bias is not None:
             scores = scores + bias.astype(self.softmax_dtype)
         scores = ops.select(keep, scores, ops.fill(self.softmax_dtype, scores.shape, _MASKED_SCORE))
         probs = ops.softmax(scores, axis=-1).astype(self.compute_dtype)
-        context = ops.matmul(probs, value.astype(self.compute_dtype))  # (B, H, S, D)
-        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.hidden_size)
-        return self.wo(context)
+        return ops.matmul(probs, value.astype(self.compute_dtype))
+
+    def _flash_attention(self, query, key, value, keep, bias):
+        """Ascend ``FlashAttentionScore`` with the same mask and ALiBi bias (fp16/bf16 compute only).
+
+        Chosen only on Ascend (``baichuan2_device.use_flash_attention``); this CPU-built project
+        cannot execute it, so it uses the kernel's most general form: an explicit mask (1 = hidden,
+        shape (B, 1, S, S)) and, for 13B, the full ALiBi bias as ``real_shift``.
+        """
+        batch, _, seq, _ = query.shape
+        hidden = ops.broadcast_to(ops.logical_not(keep), (batch, 1, seq, key.shape[2])).astype(mstype.uint8)
+        shift = None if bias is None else bias.astype(self.compute_dtype)
+        return ops.flash_attention_score(query.astype(self.compute_dtype), key.astype(self.compute_dtype),
+                                         value.astype(self.compute_dtype), self.num_heads, real_shift=shift,
+                                         attn_mask=hidden, scalar_value=self.scale, input_layout="BNSD")
 
 
 class Baichuan2DecodeLayer(nn.Cell):
