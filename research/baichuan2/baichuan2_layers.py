@@ -102,6 +102,7 @@ class Baichuan2Attention(nn.Cell):
         self.compute_dtype = config.compute_dtype
         self.softmax_dtype = config.softmax_compute_type
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.score_matmul = ops.BatchMatMul(transpose_b=True)     # Q K^T without copying K
         self.use_past = config.use_past
         self.is_first_iteration = True
 
@@ -150,7 +151,7 @@ class Baichuan2Attention(nn.Cell):
 
     def _attention(self, query, key, value, keep, bias):
         """Portable attention: (B, H, S, D) x (B, H, T, D) -> (B, H, S, D)."""
-        scores = ops.matmul(query.astype(self.compute_dtype), key.astype(self.compute_dtype).swapaxes(-1, -2))
+        scores = self.score_matmul(query.astype(self.compute_dtype), key.astype(self.compute_dtype))
         scores = scores.astype(self.softmax_dtype) * self.scale
         if bias is not None:
             scores = scores + bias.astype(self.softmax_dtype)
@@ -221,6 +222,8 @@ class NormHead(nn.Cell):
         self.compute_dtype = compute_dtype
         self.use_past = use_past
         self.is_first_iteration = True
+        # transpose_b instead of weight.T: no per-call copy of the (V, h) matrix.
+        self.matmul = ops.MatMul(transpose_b=True)
         if use_past:
             self.inv_norm = Parameter(Tensor(np.ones(vocab_size), mstype.float32), name="inv_norm",
                                       requires_grad=False)
@@ -238,8 +241,11 @@ class NormHead(nn.Cell):
             inv_norm = ops.depend(inv_norm, ops.assign(self.inv_norm, inv_norm))
         else:
             inv_norm = self.inv_norm
-        logits = ops.matmul(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype).T)
-        return logits.astype(mstype.float32) * inv_norm
+        weight = self.weight if self.weight.dtype == self.compute_dtype else self.weight.astype(self.compute_dtype)
+        shape = x.shape
+        logits = self.matmul(x.reshape(-1, shape[-1]).astype(self.compute_dtype), weight)
+        logits = logits.astype(mstype.float32) * inv_norm
+        return logits.reshape(shape[:-1] + (logits.shape[-1],))
 
 
 class Baichuan2Model(LlamaPreTrainedModel):
