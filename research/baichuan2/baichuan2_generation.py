@@ -170,7 +170,9 @@ class Baichuan2GenerationMixin:
             streamer.put(np.array(prompts[0]) if len(prompts) == 1 else prompts)
 
         start = time.time()
-        chunk = int(self.config.batch_size) if use_past else len(prompts)
+        # A network built with a KV cache has a fixed batch size (the cache's), even when this call
+        # does not use the cache: rows then go in chunks of that size, padded with filler rows.
+        chunk = int(self.config.batch_size) if self.config.use_past else len(prompts)
         outputs = []
         for begin in range(0, len(prompts), chunk):
             outputs.extend(self._generate_chunk(prompts[begin:begin + chunk], limits[begin:begin + chunk],

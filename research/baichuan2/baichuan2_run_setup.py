@@ -3,27 +3,86 @@
 Every check here runs before MindSpore compiles anything, so a wrong path, a dataset made for
 another ``seq_length``, a checkpoint of another model or an impossible parallel layout costs a
 second, not a compile, and is reported as one line naming the file, the field and the fix.
+
+The checks on data and checkpoints run on the plain YAML (``read_yaml_config``) before MindFormers
+is even imported, so such a mistake is reported in a few seconds.
+
+``--resume``: training continues from the last checkpoint of ``output_dir/checkpoint`` (or of
+``--load_checkpoint``): MindFormers restores the weights, the optimizer moments, ``global_step``
+(hence the learning-rate schedule), the loss scale, and skips the data already seen.
 """
 import glob
+import json
 import logging
 import os
+import re
 
 import numpy as np
-
-from baichuan2_config import load_config, resolve_path
 
 logger = logging.getLogger("baichuan2")
 
 # Checkpoint entries that are not network weights: optimizer state, step counters, loss scale.
 _TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "global_step",
                          "scale_sense", "epoch_num", "step_num", "loss_scale", "learning_rate",
-                         "current_iterator_step", "last_overflow_iterator_step", "beta1_power", "beta2_power")
+                         "current_iterator_step", "last_overflow_iterator_step", "beta1_power", "beta2_power",
+                         "global_batch_size")
 _RUNTIME_SUFFIXES = ("key_past", "value_past", "inv_norm")
 _LORA_MARKERS = ("mindpet_delta", "tk_delta")
+# Entries every checkpoint saved by MindFormers' CheckpointMonitor during training has.
+_RESUME_KEYS = ("step_num", "global_step")
+# Cells of the Baichuan2 network that are MindFormers ``Linear`` layers, i.e. what LoRA can wrap.
+_LINEAR_CELLS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+_DEFAULT_LORA_TARGETS = r".*dense*|.*linear*"        # mindformers LoraAdapter default
 
 
 class RunSetupError(ValueError):
     """A problem with the command line, the YAML, the data or the checkpoint, found before compiling."""
+
+
+class YamlConfig(dict):
+    """Plain-YAML stand-in for ``MindFormerConfig`` used by the up-front checks.
+
+    Attribute access as in ``MindFormerConfig`` (a missing key reads as None); nested mappings are
+    ``YamlConfig`` too, so the same ``apply_overrides`` works on both.
+    """
+
+    def __init__(self, mapping=None):
+        super().__init__()
+        for key, value in (mapping or {}).items():
+            self[key] = _wrap(value)
+
+    def __getattr__(self, key):
+        return self.get(key)
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def _wrap(value):
+    if isinstance(value, dict):
+        return YamlConfig(value)
+    if isinstance(value, list):
+        return [_wrap(v) for v in value]
+    return value
+
+
+def read_yaml_config(path):
+    """The YAML as a ``YamlConfig`` without importing MindFormers; None if it inherits a ``base_config``."""
+    import yaml  # pylint: disable=import-outside-toplevel
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path} (pass --config path/to/run_baichuan2_*.yaml)")
+    if not path.endswith((".yaml", ".yml")):
+        raise ValueError(f"--config must be a .yaml/.yml file, got {path}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle)
+        except yaml.YAMLError as error:
+            raise RunSetupError(f"cannot parse {path}: {' '.join(str(error).split())}") from None
+    if not isinstance(raw, dict):
+        raise RunSetupError(f"{path} is not a YAML mapping of config sections")
+    if "base_config" in raw:
+        return None
+    return YamlConfig(raw)
 
 
 def apply_overrides(config, args):
@@ -152,13 +211,44 @@ def checkpoint_files(path):
     return files
 
 
-def check_checkpoint(path, model_config, lora):
-    """Names and shapes in the checkpoint(s) must fit the network the yaml builds."""
+def _lora_target(name, target_modules, exclude_layers):
+    """Whether mindformers' LoraAdapter wraps the Linear of weight ``name`` (``...<cell>.weight``).
+
+    The adapter walks the cell tree from the network: at each level a child whose name matches
+    ``exclude_layers`` is skipped, a child whose name matches ``target_modules`` (``re.match``) is
+    replaced if it is a Linear and left alone (not entered) otherwise; other children are entered.
+    """
+    cells = name.split(".")[:-1]
+    if not cells or cells[-1] not in _LINEAR_CELLS:
+        return False
+    excludes = [exclude_layers] if isinstance(exclude_layers, str) else list(exclude_layers or [])
+    for depth, cell in enumerate(cells):
+        if any(re.match(pattern, cell) for pattern in excludes):
+            return False
+        if re.match(target_modules, cell):
+            return depth == len(cells) - 1
+    return False
+
+
+def expected_lora_shapes(weight_shapes, pet_config):
+    """``{LoRA parameter name: shape}`` that ``pet_config`` (pet_type lora) adds to a network with ``weight_shapes``."""
+    if not pet_config or (pet_config.get("pet_type") or "lora") != "lora":
+        return {}
+    rank = int(pet_config.get("lora_rank") or 8)
+    targets = pet_config.get("target_modules") or _DEFAULT_LORA_TARGETS
+    shapes = {}
+    for name, shape in weight_shapes.items():
+        if name.endswith(".weight") and len(shape) == 2 and \
+                _lora_target(name, targets, pet_config.get("exclude_layers")):
+            prefix = name[: -len("weight")]
+            shapes[prefix + "mindpet_delta_lora_a"] = (rank, shape[1])
+            shapes[prefix + "mindpet_delta_lora_b"] = (shape[0], rank)
+    return shapes
+
+
+def read_checkpoint_shapes(files):
+    """``{name: shape}`` over the checkpoint ``files`` (names of later files win); LoRA names normalised."""
     import mindspore as ms  # pylint: disable=import-outside-toplevel
-    files = checkpoint_files(path)
-    if not files:
-        logger.info("load_checkpoint %s is a distributed (rank_x) layout; names are checked at load time", path)
-        return
     found = {}
     for file in files:
         fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"
@@ -166,17 +256,57 @@ def check_checkpoint(path, model_config, lora):
             params = ms.load_checkpoint(file, format=fmt)
         except Exception as error:  # pylint: disable=broad-except
             raise RunSetupError(f"cannot read checkpoint {file}: {str(error).splitlines()[0]}") from None
-        found.update({name: tuple(value.shape) for name, value in params.items()})
+        found.update({name.replace("tk_delta", "mindpet_delta"): tuple(value.shape) for name, value in params.items()})
         del params
+    return found
+
+
+def check_checkpoint(path, model_config, lora, run_mode=None):
+    """Names and shapes in the checkpoint(s) must fit the network the yaml builds.
+
+    ``path`` is a file or a folder whose ``.ckpt`` files are taken together (a base checkpoint and
+    a LoRA checkpoint side by side). With ``lora`` the LoRA parameters must be those
+    ``model_config.pet_config`` creates (targets and rank). Returns ``{name: shape}`` of what was
+    read ({} for a rank_x layout, which is checked at load time).
+    """
+    files = checkpoint_files(path)
+    if not files:
+        logger.info("load_checkpoint %s is a distributed (rank_x) layout; names are checked at load time", path)
+        return {}
+    found = read_checkpoint_shapes(files)
     expected = expected_weight_shapes(model_config)
+    expected_lora = expected_lora_shapes(expected, model_config.pet_config) if lora else {}
     weights = {n: s for n, s in found.items()
                if not n.startswith(_TRAIN_STATE_PREFIXES) and not n.endswith(_RUNTIME_SUFFIXES)}
     lora_names = [n for n in weights if any(m in n for m in _LORA_MARKERS)]
     if lora_names and not lora:
         raise RunSetupError(f"checkpoint {path} holds LoRA weights ({lora_names[0]}, ...) but the yaml has no "
                             "model.model_config.pet_config; use a *_lora yaml or merge them with merge_lora.py")
+    _check_weights_fit(path, weights, expected, lora_names)
+    if lora and expected_lora:
+        unexpected = sorted(n for n in lora_names if n not in expected_lora)
+        wrong = sorted(f"{n} {weights[n]} vs {expected_lora[n]}" for n in lora_names
+                       if n in expected_lora and tuple(weights[n]) != tuple(expected_lora[n]))
+        if unexpected or wrong:
+            detail = (f"shape mismatch (checkpoint vs pet_config lora_rank {model_config.pet_config.lora_rank}): "
+                      f"{', '.join(wrong[:2])}" if wrong else
+                      f"LoRA weights for layers that pet_config.target_modules "
+                      f"{model_config.pet_config.target_modules!r} does not adapt: {', '.join(unexpected[:2])}")
+            raise RunSetupError(f"checkpoint {path} does not fit the LoRA network of the yaml ({detail}); check "
+                                "model.model_config.pet_config (lora_rank, target_modules) or the checkpoint")
+        if not lora_names and run_mode in ("eval", "predict"):
+            logger.warning("checkpoint %s has no LoRA weights: the LoRA layers keep their initial values "
+                           "(B = 0, i.e. the base model)", path)
+    return found
+
+
+def _check_weights_fit(path, weights, expected, lora_names):
+    """Raise if base weights are missing, unexpected or of another shape."""
     unexpected = sorted(n for n in weights if n not in expected and n not in lora_names)
     missing = sorted(n for n in expected if n not in weights)
+    if lora_names and len(missing) == len(expected):
+        raise RunSetupError(f"checkpoint {path} holds LoRA weights only; put the base checkpoint and the LoRA "
+                            "checkpoint in one folder and pass that folder as --load_checkpoint")
     wrong = sorted(f"{n} {weights[n]} vs {expected[n]}" for n in expected
                    if n in weights and tuple(weights[n]) != tuple(expected[n]))
     if unexpected or wrong or missing:
@@ -191,20 +321,68 @@ def check_checkpoint(path, model_config, lora):
                             "check --config (7B vs 13B, seq/vocab/hidden sizes) or the checkpoint")
 
 
-def prepare_run(args):
-    """Load the YAML, apply overrides, check everything, set up the MindSpore context; returns the config."""
-    config = load_config(args.config)
-    if args.run_mode == "export":
-        raise RunSetupError("--run_mode export (MindSpore Lite MindIR for Ascend inference) is not supported by "
-                            "this plugin; use train/finetune/eval/predict")
-    apply_overrides(config, args)
+def _last_checkpoint(folder):
+    """The checkpoint ``meta.json`` of MindFormers' CheckpointMonitor names, else the newest ``.ckpt``; or None."""
+    meta = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta):
+        try:
+            with open(meta, encoding="utf-8") as handle:
+                name = json.load(handle).get("last_ckpt_file")
+        except (OSError, ValueError):
+            name = None
+        if name and os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    files = glob.glob(os.path.join(folder, "*.ckpt"))
+    return max(files, key=os.path.getmtime) if files else None
+
+
+def resolve_resume(config, run_mode):
+    """For ``--resume``: the checkpoint file training continues from, or None without ``--resume``.
+
+    ``load_checkpoint`` defaults to ``<output_dir>/checkpoint`` (where the previous run saved). A
+    folder with ``rank_x/`` sub-folders is kept as is (MindFormers picks each rank's checkpoint from
+    its ``meta.json``); a folder of ``.ckpt`` files is replaced by its newest file.
+    """
+    resume = config.resume_training
+    if not resume:
+        return None
+    if run_mode not in ("train", "finetune"):
+        raise RunSetupError(f"--resume applies to --run_mode train/finetune, not {run_mode}")
+    if not config.load_checkpoint:
+        config.load_checkpoint = os.path.join(config.output_dir or "./output", "checkpoint")
+    path = config.load_checkpoint
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise RunSetupError(f"--resume: no checkpoint to resume from, {path} does not exist; resume needs the "
+                            "checkpoint folder of an earlier run (same --output_dir, or --load_checkpoint "
+                            "OUTPUT/checkpoint or a .ckpt file)")
+    rank_dir = os.path.join(path, f"rank_{int(os.getenv('RANK_ID', '0'))}")
+    if os.path.isdir(rank_dir):
+        if isinstance(resume, str):
+            name = resume if resume.endswith(".ckpt") else resume + ".ckpt"
+            ckpt = os.path.join(rank_dir, name)
+            if not os.path.isfile(ckpt):
+                raise RunSetupError(f"resume_training names {name}, which is not in {rank_dir}")
+            return ckpt
+        ckpt = _last_checkpoint(rank_dir)
+        if ckpt is None:
+            raise RunSetupError(f"--resume: no checkpoint to resume from in {rank_dir} yet; train without --resume first")
+        return ckpt
+    ckpt = _last_checkpoint(path)
+    if ckpt is None:
+        raise RunSetupError(f"--resume: no checkpoint to resume from in {path} (nor a rank_0/ folder); train without --resume "
+                            "first, or pass --load_checkpoint")
+    config.load_checkpoint = ckpt
+    return ckpt
+
+
+def check_inputs(config, args):
+    """Device, data, prompts and checkpoint: everything that can be checked before building anything."""
     check_device(config)
     model_config = config.model.model_config
-    if config.processor and config.processor.tokenizer and config.processor.tokenizer.vocab_file:
-        vocab = resolve_path(config.processor.tokenizer.vocab_file, args.config)
-        config.processor.tokenizer.vocab_file = vocab
-        if args.run_mode in ("predict", "eval") and not os.path.isfile(vocab):
-            raise RunSetupError(f"tokenizer file not found: {vocab} (pass --vocab_file path/to/tokenizer.model)")
+    lora = bool(model_config.pet_config)
+    resume_ckpt = resolve_resume(config, args.run_mode)
     if args.run_mode in ("train", "finetune"):
         check_dataset(config.train_dataset.data_loader.dataset_dir, "train_dataset", model_config.seq_length,
                       list(config.train_dataset.input_columns))
@@ -213,8 +391,56 @@ def prepare_run(args):
                       list(config.eval_dataset.input_columns))
     if args.run_mode == "predict" and not args.predict_data:
         raise RunSetupError("--predict_data is required for --run_mode predict (prompts or a text file)")
-    if config.load_checkpoint and not (config.resume_training and os.path.isdir(config.load_checkpoint)):
-        check_checkpoint(config.load_checkpoint, model_config, bool(model_config.pet_config))
+    if resume_ckpt:
+        found = check_checkpoint(resume_ckpt, model_config, lora, args.run_mode)
+        if not any(key in found for key in _RESUME_KEYS):
+            raise RunSetupError(f"--resume: {resume_ckpt} holds weights only (no step/optimizer state, e.g. a "
+                                "converted model); start from it with --load_checkpoint and without --resume")
+        logger.info("resuming from %s", resume_ckpt)
+    elif config.load_checkpoint:
+        check_checkpoint(config.load_checkpoint, model_config, lora, args.run_mode)
+
+
+def use_checkpoint_monitor_name(config):
+    """Spell the original YAMLs' ``CheckpointMointor`` callback as ``CheckpointMonitor``.
+
+    MindFormers' trainer passes the resume bookkeeping (epoch/step counters in ``append_info``,
+    ``global_batch_size``) to the checkpoint callback, and restores the loss scale on resume, only
+    for a callback of that exact type name; under the alias, the checkpoint of a resumed run would
+    record the steps of that run alone and a second resume would restart the schedule.
+    """
+    for callback in config.callbacks or []:
+        if callback.get("type") == "CheckpointMointor":
+            callback["type"] = "CheckpointMonitor"
+
+
+def prepare_run(args):
+    """Load the YAML, apply overrides, check everything, set up the MindSpore context; returns the config.
+
+    Data and checkpoints are checked on the plain YAML first, before MindFormers is imported (a few
+    seconds); then the ``MindFormerConfig`` is built and the context set up.
+    """
+    if args.run_mode == "export":
+        raise RunSetupError("--run_mode export (MindSpore Lite MindIR for Ascend inference) is not supported by "
+                            "this plugin; use train/finetune/eval/predict")
+    early = read_yaml_config(args.config)
+    if early is not None:
+        apply_overrides(early, args)
+        check_inputs(early, args)
+    from baichuan2_config import load_config, resolve_path  # pylint: disable=import-outside-toplevel
+    config = load_config(args.config)
+    apply_overrides(config, args)
+    if early is None:                       # a yaml with base_config: checked on the full config
+        check_inputs(config, args)
+    else:
+        config.load_checkpoint = early.load_checkpoint
+    model_config = config.model.model_config
+    if config.processor and config.processor.tokenizer and config.processor.tokenizer.vocab_file:
+        vocab = resolve_path(config.processor.tokenizer.vocab_file, args.config)
+        config.processor.tokenizer.vocab_file = vocab
+        if args.run_mode in ("predict", "eval") and not os.path.isfile(vocab):
+            raise RunSetupError(f"tokenizer file not found: {vocab} (pass --vocab_file path/to/tokenizer.model)")
+    use_checkpoint_monitor_name(config)
     rank_size = int(os.getenv("RANK_SIZE", "1"))
     if config.use_parallel:
         from baichuan2_parallel import validate_parallel_config  # pylint: disable=import-outside-toplevel
@@ -234,6 +460,9 @@ def setup_context(config):
     adapt_parallel_for_device(config)
     build_context(config)
     prepare_cpu_training()
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    mode = "graph" if ms.get_context("mode") == ms.GRAPH_MODE else "PyNative"
+    print(f"MindSpore context: {mode} mode on {ms.get_context('device_target')}", flush=True)
 
 
 def run_trainer(config, args):
@@ -250,7 +479,10 @@ def run_trainer(config, args):
         trainer.evaluate(eval_checkpoint=ckpt or False, auto_trans_ckpt=config.auto_trans_ckpt)
     elif args.run_mode == "predict":
         from run_baichuan2 import read_predict_data  # pylint: disable=import-outside-toplevel
-        trainer = Trainer(args=config, task=args.task)
+        from baichuan2_inference import predict_network  # pylint: disable=import-outside-toplevel
+        # LoRA yamls: hand over the network with LoRA layers injected (None otherwise: the Trainer builds it),
+        # so that generation runs Baichuan2's generate() rather than MindFormers' PetModel one (Ascend-only).
+        trainer = Trainer(args=config, task=args.task, model=predict_network(config))
         kwargs = {"max_length": int(args.max_length)}
         if args.max_new_tokens is not None:
             kwargs["max_new_tokens"] = int(args.max_new_tokens)

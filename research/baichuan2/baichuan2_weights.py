@@ -53,7 +53,7 @@ MS_LORA_MARKERS = ("mindpet_delta", "tk_delta")
 MS_TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.",
                            "global_step", "learning_rate", "beta1_power", "beta2_power",
                            "scale_sense", "loss_scale", "epoch_num", "step_num",
-                           "current_iterator_step", "last_overflow_iterator_step")
+                           "current_iterator_step", "last_overflow_iterator_step", "global_batch_size")
 
 BAICHUAN1_VOCAB = 64000
 DTYPES = ("fp16", "bf16", "fp32")
