@@ -1,0 +1,148 @@
+"""Shared settings and helpers of the benchmarks (``benchmarks/run_all.py`` is the entry point).
+
+The bench shape keeps Baichuan2's real vocabulary (125696) and scales width and depth down so that
+fp32 weights, an AdamW training step and a 2048-slot KV cache fit a 2-core / 24 GB machine. Every
+network (ours, MindFormers' Llama, ``transformers`` Llama) is built from ``BENCH_SHAPE``.
+
+A measurement process calls ``pin_threads()`` before importing numpy/torch/mindspore, then
+``setup_torch()`` / ``setup_mindspore()``: every runtime (OpenMP, OpenBLAS, MKL, torch, MindSpore's
+CPU kernel pool) uses ``THREADS`` threads.
+"""
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(ROOT, "research", "baichuan2")
+
+THREADS = 2
+THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def pin_threads():
+    """Pin OpenMP/OpenBLAS/MKL to ``THREADS``; call before importing numpy, torch or mindspore."""
+    for var in THREAD_VARS:
+        os.environ[var] = str(THREADS)
+    os.environ.setdefault("GLOG_v", "3")           # MindSpore: errors only
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def ffn_size(hidden, multiple_of=256):
+    """Llama/Baichuan2 SwiGLU width: int(2 * 4h / 3) rounded up to ``multiple_of`` (11008 for h=4096)."""
+    width = int(2 * 4 * hidden / 3)
+    return multiple_of * ((width + multiple_of - 1) // multiple_of)
+
+
+BENCH_SHAPE = {
+    "vocab_size": 125696,      # Baichuan2's real vocabulary
+    "hidden_size": 1024,
+    "num_layers": 4,
+    "num_heads": 8,
+    "intermediate_size": ffn_size(1024),   # 2816
+    "seq_length": 2048,        # KV cache slots: a 1024-token prompt plus new tokens fit
+    "rms_norm_eps": 1e-6,
+}
+PROMPTS = (64, 1024)
+
+
+def weight_counts(shape=BENCH_SHAPE):
+    """Parameter counts by part (elements): embedding table, decoder layers, final norm, lm_head."""
+    h, f, v, n = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_layers"]
+    per_layer = 4 * h * h + 3 * h * f + 2 * h
+    return {"embedding": v * h, "layers": n * per_layer, "per_layer": per_layer, "norm": h, "lm_head": v * h}
+
+
+def decode_bytes_per_token(shape=BENCH_SHAPE, context=0, cache_slots=None, bytes_per=4):
+    """Bytes one batch-1 decode step must read.
+
+    weights: one embedding row, every layer weight, the final norm and the whole lm_head.
+    kv: keys and values of ``context`` positions (``cache_slots`` if the step reads the whole cache).
+    """
+    counts = weight_counts(shape)
+    weights = (shape["hidden_size"] + counts["layers"] + counts["norm"] + counts["lm_head"]) * bytes_per
+    slots = context if cache_slots is None else cache_slots
+    kv = 2 * shape["num_layers"] * slots * shape["hidden_size"] * bytes_per
+    return {"weights": weights, "kv": kv}
+
+
+def peak_rss_mb():
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb():
+    import psutil  # pylint: disable=import-outside-toplevel
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def median(values):
+    return float(statistics.median(values))
+
+
+def setup_torch():
+    import torch  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    return torch
+
+
+def setup_mindspore(mode="graph"):
+    """MindSpore on CPU with ``THREADS`` kernel threads; ``mode`` 'graph' or 'pynative'."""
+    if PLUGIN not in sys.path:
+        sys.path.insert(0, PLUGIN)
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE, device_target="CPU")
+    ms.device_context.cpu.op_tuning.threads_num(THREADS)
+    ms.set_seed(0)
+    return ms
+
+
+class TimingStreamer:
+    """Streamer for ``generate()`` (ours and ``transformers``): a timestamp at every ``put``.
+
+    The first ``put`` (the prompt) comes before the prefill; each later one right after a token was
+    chosen. So ``stamps[1] - stamps[0]`` is prefill + first token and the later gaps are decode steps.
+    """
+
+    def __init__(self):
+        self.stamps = []
+
+    def put(self, _value):
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def prefill_s(self):
+        return self.stamps[1] - self.stamps[0]
+
+    def step_times(self):
+        return [b - a for a, b in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def summarize_decode(runs, prompt, new_tokens):
+    """Result dict from per-repetition (prefill seconds, [decode step seconds]) pairs."""
+    decode_rates = [len(steps) / sum(steps) for _, steps in runs]
+    all_steps = [s for _, steps in runs for s in steps]
+    return {
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "repetitions": len(runs),
+        "decode_tok_s": median(decode_rates),
+        "decode_tok_s_min": min(decode_rates),
+        "decode_tok_s_max": max(decode_rates),
+        "ms_per_token": 1000.0 / median(decode_rates),
+        "step_ms_median": 1000.0 * median(all_steps),
+        "prefill_s": median([p for p, _ in runs]),
+        "prefill_tok_s": prompt / median([p for p, _ in runs]),
+    }
+
+
+def write_result(path, result):
+    result.setdefault("peak_rss_mb", peak_rss_mb())
+    result["loadavg_end"] = list(os.getloadavg())
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1)

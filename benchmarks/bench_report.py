@@ -1,0 +1,584 @@
+"""Markdown report and PNG chart from the results of ``run_all.py`` (no MindSpore/torch import)."""
+import bench_common as bc
+
+MIB = 2 ** 20
+TARGET_SPEEDUP = 1.5          # decode vs transformers
+TARGET_ROOFLINE = 0.70        # decode vs bandwidth roofline
+TARGET_LONG_PROMPT = 1.25     # ms/token at prompt 1024 vs 64
+LABELS = {"ours7b": "Baichuan2 7B-shape (RoPE), ours", "ours13b": "Baichuan2 13B-shape (ALiBi), ours",
+          "hf": "transformers LlamaForCausalLM", "mf": "MindFormers LlamaForCausalLM"}
+SHORT = {"ours7b": "ours 7B", "ours13b": "ours 13B", "hf": "transformers", "mf": "MF Llama (no cache)"}
+
+
+class Results:
+    """Access to the raw results; ``get`` returns None for a missing or failed task."""
+
+    def __init__(self, data):
+        self.data = data
+        self.results = data.get("results", {})
+
+    def get(self, name):
+        result = self.results.get(name)
+        return None if result is None or "error" in result else result
+
+    def error(self, name):
+        result = self.results.get(name)
+        if result is None:
+            return "not run"
+        return result.get("error")
+
+    def decode(self, impl, prompt):
+        return self.get(f"decode-{impl}-p{prompt}")
+
+    def bandwidth_runs(self):
+        return [(name, self.get(name)) for name in ("bandwidth", "bandwidth-end") if self.get(name)]
+
+    def bandwidth_gbs(self):
+        """Best matrix-vector bandwidth over the measurements at the start and the end of the run."""
+        runs = self.bandwidth_runs()
+        return max(r["best_gbs"] for _, r in runs) if runs else None
+
+    def roofline(self, prompt=None, new=0, kv_slots=None):
+        """Tokens/s the bandwidth allows: weights only, or weights + KV at the mean decode context."""
+        bandwidth = self.bandwidth_gbs()
+        if not bandwidth:
+            return None
+        if prompt is None:
+            need = bc.decode_bytes_per_token()["weights"]
+        else:
+            parts = bc.decode_bytes_per_token(context=prompt + new / 2, cache_slots=kv_slots)
+            need = parts["weights"] + parts["kv"]
+        return bandwidth * 1e9 / need
+
+
+def _fmt(value, digits=2, unit=""):
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def _status(measured, target, higher_is_better=True):
+    if measured is None:
+        return "not measured"
+    if higher_is_better:
+        return "met" if measured >= target else f"missed by {100 * (target - measured) / target:.0f}%"
+    return "met" if measured <= target else f"missed by {100 * (measured - target) / target:.0f}%"
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# targets
+
+def targets(res):
+    """Rows (target, measured, status, why) of the targets table."""
+    rows = []
+    roof = res.roofline()
+    for impl in ("ours7b", "ours13b"):
+        for prompt in bc.PROMPTS:
+            ours, hf = res.decode(impl, prompt), res.decode("hf", prompt)
+            ratio = ours["decode_tok_s"] / hf["decode_tok_s"] if ours and hf else None
+            status = _status(ratio, TARGET_SPEEDUP)
+            why = ""
+            if status.startswith("missed") and roof and hf:
+                ceiling = roof / hf["decode_tok_s"]
+                why = (f"transformers already runs at {100 / ceiling:.0f}% of the roofline: no implementation can "
+                       f"beat it by more than {ceiling:.2f}x here" if ceiling < TARGET_SPEEDUP * 1.05 else
+                       f"ours at {100 * ours['decode_tok_s'] / roof:.0f}% of the roofline (profile below)")
+            rows.append((f"{SHORT[impl]} decode >= {TARGET_SPEEDUP}x transformers, prompt {prompt}",
+                         _fmt(ratio, 2, "x"), status, why))
+    for impl in ("ours7b", "ours13b"):
+        for prompt in bc.PROMPTS:
+            ours = res.decode(impl, prompt)
+            share = ours["decode_tok_s"] / roof if ours and roof else None
+            status = _status(share, TARGET_ROOFLINE)
+            rows.append((f"{SHORT[impl]} decode >= {TARGET_ROOFLINE:.0%} of roofline, prompt {prompt}",
+                         _fmt(None if share is None else 100 * share, 0, "%"), status,
+                         decode_why(res, impl) if status.startswith("missed") else ""))
+    for impl in ("ours7b", "ours13b"):
+        short, long = res.decode(impl, bc.PROMPTS[0]), res.decode(impl, bc.PROMPTS[-1])
+        ratio = long["ms_per_token"] / short["ms_per_token"] if short and long else None
+        status = _status(ratio, TARGET_LONG_PROMPT, False)
+        why = ""
+        if ratio is not None:
+            why = (f"{short['ms_per_token']:.1f} -> {long['ms_per_token']:.1f} ms/token; a decode step reads all "
+                   f"{bc.BENCH_SHAPE['seq_length']} cache slots at any prompt length")
+        rows.append((f"{SHORT[impl]} ms/token at prompt {bc.PROMPTS[-1]} <= {TARGET_LONG_PROMPT}x prompt "
+                     f"{bc.PROMPTS[0]}", _fmt(ratio, 2, "x"), status, why))
+    ours, mf = res.get("train-ours7b"), res.get("train-mf")
+    ratio = ours["tokens_s"] / mf["tokens_s"] if ours and mf else None
+    status = _status(ratio, 1.0)
+    rows.append(("ours 7B training tokens/s >= MindFormers Llama", _fmt(ratio, 2, "x"), status,
+                 train_why(res) if status.startswith("missed") else ""))
+    return rows
+
+
+def decode_why(res, impl):
+    """One line: the largest avoidable parts of a decode step, from the profile."""
+    prof = res.get(f"profile-decode-{impl}")
+    if prof is None:
+        return "no profile"
+    cats = prof["categories_ms"]
+    parts = [f"{prof['wall_ms']:.1f} ms/step vs {1000 / res.roofline():.1f} ms roofline"]
+    for key, label in (("KV cache write", "KV-cache write (copies the cache)"),
+                       ("attention", f"attention over all {bc.BENCH_SHAPE['seq_length']} slots")):
+        value = sum(v for k, v in cats.items() if k.startswith(key))
+        if value >= 0.5:
+            parts.append(f"{label} {value:.1f} ms")
+    gap = prof["wall_ms"] - prof["ops_ms"]
+    if gap >= 1:
+        parts.append(f"outside kernels {gap:.1f} ms")
+    return "; ".join(parts) + " (profile below)"
+
+
+def train_why(res):
+    ours, mf = res.get("profile-train-ours7b"), res.get("profile-train-mf")
+    if not ours or not mf:
+        return "no profile"
+    norm = ours["categories_ms"].get("lm_head non-MatMul ops (NormHead row norms and their gradients)", 0.0)
+    other = ours["ops_ms"] - norm - mf["ops_ms"]
+    return (f"Baichuan2's NormHead (row norms of the {bc.BENCH_SHAPE['vocab_size']} x "
+            f"{bc.BENCH_SHAPE['hidden_size']} head and their gradient, which Llama's plain head does not have) costs "
+            f"{norm / 1000:.2f} s per step ({100 * norm / ours['wall_ms']:.0f}% of a profiled step); all other "
+            f"kernels together differ by {other / 1000:+.2f} s (profile below)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# explanations from the profiles
+
+def _profile_lines(profile):
+    cats = sorted(profile["categories_ms"].items(), key=lambda kv: -kv[1])
+    return [(name, value) for name, value in cats if value >= 0.05]
+
+
+def explain_decode(res):
+    prof = res.get("profile-decode-ours7b")
+    lines = []
+    roof = res.roofline()
+    bandwidth = res.bandwidth_gbs()
+    if prof is None:
+        return ["No decode profile (profile-decode-ours7b: %s)." % res.error("profile-decode-ours7b")]
+    wall, ops = prof["wall_ms"], prof["ops_ms"]
+    lines.append(f"A decode step of the 7B shape (network call only, prompt {prof['prompt']}) took "
+                 f"{wall:.1f} ms of wall time; the roofline allows {1000 / roof:.1f} ms."
+                 if roof else f"A decode step took {wall:.1f} ms.")
+    lines.append("")
+    rows = []
+    head_bytes = bc.BENCH_SHAPE["vocab_size"] * bc.BENCH_SHAPE["hidden_size"] * 4
+    layer_bytes = bc.weight_counts()["layers"] * 4
+    for name, value in _profile_lines(prof):
+        note = ""
+        if name == "lm_head MatMul":
+            note = f"reads {head_bytes / MIB:.0f} MiB: {head_bytes / value / 1e6:.1f} GB/s"
+        elif name == "layer MatMuls":
+            note = f"reads {layer_bytes / MIB:.0f} MiB: {layer_bytes / value / 1e6:.1f} GB/s"
+        elif name.startswith("KV cache write"):
+            note = "copies each layer's whole K and V cache (see below)"
+        elif name.startswith("attention"):
+            slots = bc.BENCH_SHAPE["seq_length"]
+            note = f"reads all {slots} cache slots of K and V, whatever the context length"
+        rows.append((name, f"{value:.2f}", f"{100 * value / wall:.0f}%", note))
+    gap = wall - ops
+    launch = ""
+    if prof.get("kernels_per_step"):
+        launch = (f"; {prof['kernels_per_step']:.0f} kernels per step, median idle gap between kernels "
+                  f"{prof['median_gap_us']:.0f} us")
+    rows.append(("outside the kernels (launch, host scheduling)", f"{gap:.2f}", f"{100 * gap / wall:.0f}%",
+                 "wall time minus the sum of kernel times" + (" (negative: kernels overlapped)" if gap < 0 else "")
+                 + launch))
+    lines.append(_table(["part of a decode step", "ms", "share", "note"], rows))
+    lines.append("")
+    cats = prof["categories_ms"]
+    write = sum(v for k, v in cats.items() if k.startswith("KV cache write"))
+    attention = sum(v for k, v in cats.items() if k.startswith("attention"))
+    if bandwidth:
+        lines.append(f"Best measured matrix-vector bandwidth: {bandwidth:.1f} GB/s.")
+    if write > 0.5 and any(k.startswith("KV cache write (ScatterNdUpdate") for k in cats):
+        cache_mib = 2 * bc.BENCH_SHAPE["seq_length"] * bc.BENCH_SHAPE["hidden_size"] * 4 / MIB
+        lines.append(f"- KV-cache write, {write:.1f} ms per step: MindSpore's CPU `ScatterNdUpdate` kernel "
+                     f"copies its whole input on every call, so writing one column costs a copy of the layer's "
+                     f"{cache_mib / 2:.0f} MiB K (and V) cache; the time grows with `seq_length`, not with the "
+                     f"data written (`baichuan2_layers.KVCache.update`).")
+    if attention > 0.5:
+        lines.append(f"- Attention, {attention:.1f} ms per step: a decode step attends over all "
+                     f"{bc.BENCH_SHAPE['seq_length']} cache slots (masked), so a short prompt pays for the "
+                     "full cache. This is also why the cost barely depends on the prompt length.")
+    gap = wall - ops
+    if gap > 1 and prof.get("kernels_per_step"):
+        lines.append(f"- Outside the kernels, {gap:.1f} ms per step: the step runs {prof['kernels_per_step']:.0f} "
+                     f"kernels and MindSpore's CPU runtime leaves a median {prof['median_gap_us']:.0f} us between "
+                     "two of them (launch and thread hand-over), plus the host side of the call (inputs, "
+                     "`asnumpy`). Fewer, larger kernels per step (one fused QKV and one fused gate/up projection "
+                     "per layer, fewer RoPE/mask/norm ops) would shrink it.")
+    head = cats.get("lm_head MatMul")
+    if head and bandwidth:
+        achieved = head_bytes / head / 1e6
+        verdict = ("at the machine's bandwidth" if achieved >= 0.9 * bandwidth
+                   else "below the best matrix-vector kernel: MindSpore's CPU MatMul costs the difference")
+        lines.append(f"- lm_head: {head:.1f} ms for {head_bytes / MIB:.0f} MiB, i.e. {achieved:.1f} GB/s against "
+                     f"{bandwidth:.1f} GB/s measured for the best matrix-vector kernel ({verdict}). The lm_head is "
+                     f"{100 * head_bytes / bc.decode_bytes_per_token()['weights']:.0f}% of the bytes of a step "
+                     "at this shape (real vocabulary, reduced width).")
+    lines += ["", "**Against transformers.** " + ceiling_text(res)]
+    return lines
+
+
+def ceiling_text(res):
+    """How much faster than transformers any implementation could be: roofline / transformers."""
+    roof = res.roofline()
+    parts = []
+    for prompt in bc.PROMPTS:
+        hf = res.decode("hf", prompt)
+        if hf and roof:
+            parts.append(f"prompt {prompt}: transformers reaches {100 * hf['decode_tok_s'] / roof:.0f}% of the "
+                         f"roofline, so the ceiling is {roof / hf['decode_tok_s']:.2f}x")
+    if not parts:
+        return "No transformers measurement."
+    hf_shares = [res.decode("hf", p)["decode_tok_s"] / roof for p in bc.PROMPTS if res.decode("hf", p) and roof]
+    close = min(hf_shares) >= 0.6 if hf_shares else False
+    runs = res.bandwidth_runs()
+    if not close and torch_thread_note(runs):
+        torch_bw = max(r["torch_gbs"] for _, r in runs)
+        return ("No implementation can decode faster than the roofline, so the speed-up over transformers is "
+                "capped at roofline / transformers: " + "; ".join(parts) + ". transformers is held back by torch's "
+                f"fp32 matrix-vector kernel, which reads at one core's speed ({torch_bw:.1f} GB/s against "
+                f"{res.bandwidth_gbs():.1f} GB/s for the best kernel): a MindSpore implementation at the roofline "
+                "would be that ceiling faster.")
+    return ("No implementation can decode faster than the roofline, so the speed-up over transformers is capped "
+            "at roofline / transformers: " + "; ".join(parts) + ". " +
+            ("transformers is itself close to the bandwidth limit here (its matrix-vector products run at "
+             "memory speed), so a 1.5x target is out of reach wherever that ceiling is below 1.5x."
+             if close else
+             "transformers stays well below the bandwidth limit in this run (per-op overhead of eager PyTorch, "
+             "or cores shared with other work: see the load average above)."))
+
+
+def explain_train(res):
+    ours, mf = res.get("profile-train-ours7b"), res.get("profile-train-mf")
+    if not ours or not mf:
+        return ["No training profiles (%s / %s)." % (res.error("profile-train-ours7b"), res.error("profile-train-mf"))]
+    names = sorted(set(ours["categories_ms"]) | set(mf["categories_ms"]),
+                   key=lambda n: -max(ours["categories_ms"].get(n, 0), mf["categories_ms"].get(n, 0)))
+    rows = []
+    for name in names:
+        a, b = ours["categories_ms"].get(name, 0.0), mf["categories_ms"].get(name, 0.0)
+        if max(a, b) < 1:
+            continue
+        rows.append((name, f"{a / 1000:.3f}", f"{b / 1000:.3f}", f"{(a - b) / 1000:+.3f}"))
+    gap_a, gap_b = ours["wall_ms"] - ours["ops_ms"], mf["wall_ms"] - mf["ops_ms"]
+    rows.append(("outside the kernels (negative: overlap)", f"{gap_a / 1000:.3f}", f"{gap_b / 1000:.3f}", f"{(gap_a - gap_b) / 1000:+.3f}"))
+    rows.append(("**step (wall)**", f"{ours['wall_ms'] / 1000:.3f}", f"{mf['wall_ms'] / 1000:.3f}",
+                 f"{(ours['wall_ms'] - mf['wall_ms']) / 1000:+.3f}"))
+    lines = [f"Training step, batch {ours['batch']} x {ours['seq']} tokens, seconds per step by category:", "",
+             _table(["category", "ours 7B (s)", "MF Llama (s)", "difference (s)"], rows), ""]
+    norm = ours["categories_ms"].get("lm_head non-MatMul ops (NormHead row norms and their gradients)", 0.0)
+    if norm > 1:
+        lines.append(f"- NormHead: Baichuan2's lm_head divides every logit by the norm of its weight row; the "
+                     f"row norms and their gradient are elementwise passes over the whole "
+                     f"{bc.BENCH_SHAPE['vocab_size']} x {bc.BENCH_SHAPE['hidden_size']} weight each step "
+                     f"({norm / 1000:.3f} s here). MindFormers' Llama has a plain linear head, so this cost is "
+                     "inherent to the model, not to the port; it shrinks relative to the MatMuls as the "
+                     "number of tokens per step grows.")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# the document
+
+def write_report(data, md_path, png_path):
+    res = Results(data)
+    machine = data["machine"]
+    lines = ["# Performance", ""]
+    if data.get("quick"):
+        lines += ["> **Quick smoke run** (`--quick`): few tokens and steps, numbers are not meaningful.", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    loads = [r.get("loadavg_start", [0])[0] for r in data["results"].values()]
+    lines += [f"Generated by `{data['command']}` on {data['date']}.", "",
+              f"- Machine: {machine['cpu_model']} ({machine.get('cpu_family_model', '')}; "
+              f"{machine.get('simd', '')}), {machine.get('physical_cores', '?')} cores / "
+              f"{machine['logical_cpus']} logical CPUs, {machine.get('memory_gb', '?')} GB RAM; "
+              f"Python {machine['python']}; {machine['platform']}.",
+              f"- Versions: {versions}.",
+              f"- Threads: {data['threads']} everywhere (torch.set_num_threads, "
+              "`mindspore.device_context.cpu.op_tuning.threads_num`, OMP/OpenBLAS/MKL_NUM_THREADS).",
+              f"- 1-minute load average when each measurement started: {min(loads):.1f} to {max(loads):.1f} "
+              "(the benchmark itself keeps ~2 runnable threads; much more means other work shared the cores).",
+              ""]
+    lines += ["![decode and training throughput](performance.png)", ""]
+
+    lines += ["## Targets", "", _table(["target", "measured", "status", "why / note"], targets(res)), ""]
+
+    lines += method_section(data, res)
+    lines += decode_section(res)
+    lines += roofline_section(res)
+    lines += train_section(res)
+    lines += memory_section(res)
+    lines += alibi_section(res)
+    lines += ["## Where the time goes (MindSpore profiler)", "",
+              "Kernel times from `mindspore.Profiler` (host CPU ops), per step; wall time measured "
+              "without the profiler in the same process.", "", "### Decode step", ""]
+    lines += explain_decode(res)
+    prof13 = res.get("profile-decode-ours13b")
+    if prof13:
+        lines += ["", f"13B shape (ALiBi): {prof13['wall_ms']:.1f} ms per step; by category: " +
+                  ", ".join(f"{k} {v:.1f} ms" for k, v in _profile_lines(prof13)) + "."]
+    lines += ["", "### Training step", ""]
+    lines += explain_train(res)
+    lines += ["", "## Failed or missing measurements", ""]
+    failed = [(n, r["error"]) for n, r in sorted(data["results"].items()) if "error" in r]
+    lines += [f"- `{n}`: {e}" for n, e in failed] or ["None."]
+    lines.append("")
+    with open(md_path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines))
+    try:
+        draw_chart(res, png_path)
+    except Exception as exc:  # pylint: disable=broad-except
+        print(f"chart not written: {exc}")
+
+
+def method_section(data, res):
+    shape = data["shape"]
+    counts = bc.weight_counts(shape)
+    total = counts["embedding"] + counts["layers"] + counts["norm"] + counts["lm_head"]
+    band = res.get("bandwidth") or res.get("bandwidth-end") or {}
+    blas = band.get("numpy_blas", {})
+    train = res.get("train-ours7b") or res.get("train-mf") or {}
+    decode = res.decode("ours7b", bc.PROMPTS[0]) or {}
+    hf_attn = (res.decode("hf", bc.PROMPTS[0]) or {}).get("attn_implementation", "?")
+    return [
+        "## Method", "",
+        f"- **Bench shape** (all models): vocab {shape['vocab_size']} (Baichuan2's real one), hidden "
+        f"{shape['hidden_size']}, {shape['num_layers']} layers, {shape['num_heads']} heads, SwiGLU width "
+        f"{shape['intermediate_size']} (Llama rule, multiple_of 256), {total / 1e6:.1f} M parameters "
+        f"({total * 4 / 2 ** 30:.2f} GiB fp32; {100 * 2 * counts['embedding'] / total:.0f}% in the embedding and "
+        f"lm_head), fp32 everywhere, random weights. Our models are built with `seq_length` "
+        f"{shape['seq_length']} (KV cache slots) and `use_past=True` for decoding.",
+        "- **Decode**: batch 1, greedy, no early stop (eos disabled), prompts of "
+        f"{' and '.join(map(str, bc.PROMPTS))} random tokens. Ours: `generate()` in MindSpore GRAPH mode "
+        "(bucketed prefill graph + one decode graph, NumPy token choice). transformers: "
+        f"`LlamaForCausalLM.generate(use_cache=True)` (attention `{hf_attn}`, `torch.inference_mode`). "
+        "MindFormers: `LlamaForCausalLM` in GRAPH mode **without KV cache** (its cache path needs Ascend-only "
+        "kernels): each step is a full forward over the prompt padded to prompt + new tokens, logits of "
+        "the last valid token (as MindFormers' own no-cache generation). Timing: a streamer stamps every "
+        "token; decode tokens/s = (new tokens - 1) / time from the first to the last new token, i.e. "
+        "prefill excluded (reported separately). One warm-up call (compiles), then "
+        f"{decode.get('repetitions', '?')} repetitions of {decode.get('new_tokens', '?')} new tokens; the "
+        "median repetition is reported (min-max in brackets).",
+        "- **Training**: forward + backward + optimizer, batch "
+        f"{train.get('batch', '?')} x {train.get('seq', '?')} tokens (sequence of seq + 1 ids, next-token loss). "
+        "MindSpore (ours and MindFormers' Llama): GRAPH mode, `nn.TrainOneStepCell` + "
+        "`nn.AdamWeightDecay`; transformers: eager, `torch.optim.AdamW`. "
+        f"{train.get('warmup', '?')} warm-up steps (the first one compiles), then the median of "
+        f"{train.get('steps', '?')} steps; tokens/s = batch x seq / step time.",
+        "- **Peak memory**: `ru_maxrss` of the measurement's own process (model build, warm-up and all "
+        "repetitions included).",
+        "- **Bandwidth and roofline**: fp32 matrix-vector product with the lm_head's shape "
+        f"({shape['vocab_size']} x {shape['hidden_size']}, {shape['vocab_size'] * shape['hidden_size'] * 4 / MIB:.0f} "
+        "MiB) in torch (`F.linear`), NumPy (OpenBLAS kernel "
+        f"`{blas.get('kernel', '?')}`, OPENBLAS_CORETYPE {blas.get('OPENBLAS_CORETYPE', '?')}, "
+        f"{blas.get('threads', '?')} threads) and MindSpore (`MatMul(transpose_b=True)`), median of "
+        f"{band.get('repetitions', '?')}, at the start and at the end of the run; the best figure is the "
+        "machine's bandwidth. Roofline tokens/s "
+        "= bandwidth / bytes a batch-1 decode step must read: one embedding row, every layer weight, the "
+        "final norm and the whole lm_head. The KV cache adds `2 x layers x context x hidden x 4` bytes and is "
+        "given separately.",
+        "- Each measurement runs in its own process, one after the other.", ""]
+
+
+def decode_section(res):
+    roof = res.roofline()
+    rows = []
+    for prompt in bc.PROMPTS:
+        hf = res.decode("hf", prompt)
+        for impl in ("ours7b", "ours13b", "hf", "mf"):
+            r = res.decode(impl, prompt)
+            if r is None:
+                rows.append((LABELS[impl], prompt, "", f"failed: {res.error(f'decode-{impl}-p{prompt}')}",
+                             "", "", "", "", ""))
+                continue
+            cache = "no (Ascend-only in MF 1.8)" if impl == "mf" else "yes"
+            rows.append((LABELS[impl], prompt, cache,
+                         f"{r['decode_tok_s']:.2f} [{r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f}]",
+                         f"{r['ms_per_token']:.1f}", f"{r['prefill_s']:.2f} ({r['prefill_tok_s']:.0f} tok/s)",
+                         _fmt(r["decode_tok_s"] / hf["decode_tok_s"], 2, "x") if hf else "n/a",
+                         _fmt(100 * r["decode_tok_s"] / roof, 0, "%") if roof else "n/a",
+                         f"{r['peak_rss_mb']:.0f}"))
+    return ["## Decode (batch 1, greedy, fp32)", "",
+            _table(["model", "prompt", "KV cache", "decode tok/s", "ms/token", "prefill s", "vs transformers",
+                    "of roofline", "peak RSS MiB"], rows), ""]
+
+
+def roofline_section(res):
+    runs = res.bandwidth_runs()
+    if not runs:
+        return ["## Roofline", "", f"Bandwidth measurement failed: {res.error('bandwidth')}", ""]
+    counts = bc.weight_counts()
+    parts = bc.decode_bytes_per_token()
+    h = bc.BENCH_SHAPE["hidden_size"]
+    rows = [("embedding row", f"{h * 4 / MIB:.3f}"),
+            (f"{bc.BENCH_SHAPE['num_layers']} decoder layers", f"{counts['layers'] * 4 / MIB:.1f}"),
+            ("final norm", f"{counts['norm'] * 4 / MIB:.3f}"),
+            ("lm_head", f"{counts['lm_head'] * 4 / MIB:.1f}"),
+            ("**weights per token**", f"**{parts['weights'] / MIB:.1f}**")]
+    roof = res.roofline()
+    kv_rows = []
+    for prompt in bc.PROMPTS:
+        new = (res.decode("ours7b", prompt) or {}).get("new_tokens", 0)
+        ideal = bc.decode_bytes_per_token(context=prompt + new / 2)["kv"]
+        full = bc.decode_bytes_per_token(cache_slots=bc.BENCH_SHAPE["seq_length"])["kv"]
+        kv_rows.append((prompt, f"{ideal / MIB:.1f}", _fmt(res.roofline(prompt, new), 2),
+                        f"{full / MIB:.1f}", _fmt(res.roofline(prompt, new, bc.BENCH_SHAPE["seq_length"]), 2)))
+    labels = {"bandwidth": "start of run", "bandwidth-end": "end of run"}
+    kernel = runs[0][1]["numpy_blas"].get("kernel", "?")
+    bw_rows = []
+    for key, label in (("torch_gbs", "torch F.linear"), ("torch_1thread_gbs", "torch F.linear, 1 thread"),
+                       ("numpy_gbs", f"NumPy (OpenBLAS {kernel})"),
+                       ("mindspore_gbs", "MindSpore MatMul(transpose_b=True)"),
+                       ("best_gbs", "**best matrix-vector**"),
+                       ("torch_sum_gbs", "(reference, not a matvec: torch `W.sum()`)")):
+        bw_rows.append((label,) + tuple(_fmt(r.get(key), 1) for _, r in runs))
+    return ["## Roofline", "",
+            _table(["matrix-vector fp32, 125696 x 1024, GB/s"] + [labels[n] for n, _ in runs], bw_rows), "",
+            f"Machine bandwidth = best matrix-vector figure above: **{res.bandwidth_gbs():.1f} GB/s**." +
+            torch_thread_note(runs), "",
+            _table(["bytes read per decode step", "MiB"], rows), "",
+            f"Roofline (weights only): **{_fmt(roof, 2)} tokens/s** "
+            f"({_fmt(1000 / roof if roof else None, 1)} ms/token). With the KV cache read as well:", "",
+            _table(["prompt", "KV MiB at mean context", "roofline tok/s", "KV MiB, all slots (ours reads)",
+                    "roofline tok/s, all slots"], kv_rows), ""]
+
+
+def torch_thread_note(runs):
+    one = [r["torch_1thread_gbs"] / r["torch_gbs"] for _, r in runs if r.get("torch_1thread_gbs")]
+    if one and max(one) >= 0.9:
+        return (" torch's F.linear is as fast with 1 thread as with 2: its fp32 matrix-vector kernel uses one "
+                "core's bandwidth only, which also bounds the transformers baseline.")
+    return ""
+
+
+def train_section(res):
+    rows = []
+    mf = res.get("train-mf")
+    for impl in ("ours7b", "mf", "hf"):
+        r = res.get(f"train-{impl}")
+        if r is None:
+            rows.append((LABELS[impl], f"failed: {res.error(f'train-{impl}')}", "", "", "", "", ""))
+            continue
+        rows.append((LABELS[impl] + ("" if impl != "hf" else " (eager, AdamW)"), f"{r['tokens_s']:.1f}",
+                     f"{r['step_s']:.2f}", f"{r['first_step_s']:.1f}",
+                     f"{r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}",
+                     _fmt(r["tokens_s"] / mf["tokens_s"], 2, "x") if mf else "n/a", f"{r['peak_rss_mb']:.0f}"))
+    return ["## Training (forward + backward + optimizer)", "",
+            _table(["model", "tokens/s", "step s (median)", "first step s (compile)", "loss first -> last",
+                    "vs MF Llama", "peak RSS MiB"], rows), ""]
+
+
+def memory_section(res):
+    params = sum(bc.weight_counts()[k] for k in ("embedding", "layers", "norm", "lm_head"))
+    rows = []
+    for name, label in [("decode-ours7b-p64", "decode, ours 7B, prompt 64"),
+                        ("decode-ours7b-p1024", "decode, ours 7B, prompt 1024"),
+                        ("decode-ours13b-p1024", "decode, ours 13B, prompt 1024"),
+                        ("decode-hf-p1024", "decode, transformers, prompt 1024"),
+                        ("decode-mf-p1024", "decode, MF Llama (no cache), prompt 1024"),
+                        ("train-ours7b", "training step, ours 7B"), ("train-mf", "training step, MF Llama"),
+                        ("train-hf", "training step, transformers")]:
+        r = res.get(name)
+        built = r.get("rss_after_build_mb") if r else None
+        rows.append((label, _fmt(r["peak_rss_mb"] if r else None, 0), _fmt(built, 0)))
+    return ["## Peak memory (RSS)", "",
+            f"fp32 weights: {params * 4 / MIB:.0f} MiB; weights + gradients + two Adam moments: "
+            f"{params * 16 / MIB:.0f} MiB. Our KV cache: "
+            f"{2 * bc.BENCH_SHAPE['num_layers'] * bc.BENCH_SHAPE['seq_length'] * bc.BENCH_SHAPE['hidden_size'] * 4 / MIB:.0f}"
+            " MiB. Process peaks include the Python runtime and framework (about 0.6 GB for MindSpore).", "",
+            _table(["process", "peak RSS MiB", "RSS after building the model MiB"], rows), ""]
+
+
+def alibi_section(res):
+    rows = []
+    for prompt in bc.PROMPTS:
+        a, b = res.decode("ours7b", prompt), res.decode("ours13b", prompt)
+        rows.append((prompt, _fmt(a and a["decode_tok_s"]), _fmt(b and b["decode_tok_s"]),
+                     _fmt(b["decode_tok_s"] / a["decode_tok_s"] if a and b else None, 2, "x"),
+                     _fmt(a and a["prefill_s"]), _fmt(b and b["prefill_s"])))
+    return ["## 13B shape (ALiBi) against 7B shape (RoPE), equal dimensions", "",
+            _table(["prompt", "7B decode tok/s", "13B decode tok/s", "13B / 7B", "7B prefill s", "13B prefill s"],
+                   rows), ""]
+
+
+# ----------------------------------------------------------------------------------------------------
+# chart (Pillow: already installed as a MindSpore dependency)
+
+def draw_chart(res, path):
+    from PIL import Image, ImageDraw, ImageFont  # pylint: disable=import-outside-toplevel
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:
+            return ImageFont.load_default()
+
+    width, height = 1400, 620
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    colors = {"ours7b": (31, 119, 180), "ours13b": (23, 190, 207), "hf": (255, 127, 14), "mf": (148, 103, 189)}
+    title, small = font(20), font(14)
+    draw.text((20, 10), "Baichuan2 bench shape on CPU (fp32, 2 threads): higher is better", fill="black", font=title)
+
+    def panel(x0, y0, x1, y1, heading, groups, limit_line=None, limit_label=""):
+        """groups: [(group label, [(impl, value)])]."""
+        draw.text((x0, y0 - 30), heading, fill="black", font=font(17))
+        values = [v for _, bars in groups for _, v in bars if v] + ([limit_line] if limit_line else [])
+        top = max(values) * 1.15 if values else 1.0
+        draw.line((x0, y1, x1, y1), fill="black")
+        draw.line((x0, y0, x0, y1), fill="black")
+        for i in range(5):
+            value = top * i / 4
+            y = y1 - (y1 - y0) * i / 4
+            draw.line((x0 - 4, y, x0, y), fill="black")
+            draw.text((x0 - 60, y - 8), f"{value:.1f}", fill="black", font=small)
+        group_w = (x1 - x0) / max(len(groups), 1)
+        for g, (label, bars) in enumerate(groups):
+            bar_w = group_w * 0.8 / max(len(bars), 1)
+            for b, (impl, value) in enumerate(bars):
+                left = x0 + g * group_w + group_w * 0.1 + b * bar_w
+                if value:
+                    y = y1 - (y1 - y0) * value / top
+                    draw.rectangle((left + 2, y, left + bar_w - 2, y1), fill=colors[impl])
+                    text = f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+                    draw.text((left + 4, y - 18), text, fill="black", font=small)
+                else:
+                    draw.text((left + 4, y1 - 18), "n/a", fill="gray", font=small)
+            draw.text((x0 + g * group_w + group_w * 0.35, y1 + 8), label, fill="black", font=small)
+        if limit_line:
+            y = y1 - (y1 - y0) * limit_line / top
+            for x in range(int(x0), int(x1), 12):
+                draw.line((x, y, min(x + 6, x1), y), fill=(200, 0, 0), width=2)
+            draw.text((x1 - 230, y - 20), limit_label, fill=(200, 0, 0), font=small)
+
+    decode_groups = []
+    for prompt in bc.PROMPTS:
+        bars = []
+        for impl in ("ours7b", "ours13b", "hf", "mf"):
+            r = res.decode(impl, prompt)
+            bars.append((impl, r["decode_tok_s"] if r else None))
+        decode_groups.append((f"prompt {prompt}", bars))
+    roof = res.roofline()
+    panel(90, 90, 820, 520, "Decode tokens/s (batch 1, greedy)", decode_groups, roof,
+          f"roofline (weights) {roof:.1f} tok/s" if roof else "")
+    train_bars = []
+    for impl in ("ours7b", "mf", "hf"):
+        r = res.get(f"train-{impl}")
+        train_bars.append((impl, r["tokens_s"] if r else None))
+    panel(960, 90, 1360, 520, "Training tokens/s (fwd+bwd+AdamW)", [("", train_bars)])
+    x = 90
+    for impl in ("ours7b", "ours13b", "hf", "mf"):
+        draw.rectangle((x, 575, x + 18, 593), fill=colors[impl])
+        label = LABELS[impl] + (" (no KV cache)" if impl == "mf" else "")
+        draw.text((x + 24, 576), label, fill="black", font=small)
+        x += 24 + draw.textlength(label, font=small) + 30
+    image.save(path)

@@ -1,0 +1,465 @@
+"""One benchmark measurement per process: ``python benchmarks/bench_tasks.py TASK --out result.json ...``.
+
+``run_all.py`` starts each task in its own subprocess (MindSpore's context is process-global, and the
+peak RSS of a process is then the peak of that one measurement). Tasks:
+
+* ``bandwidth``: fp32 matrix-vector product (the lm_head's shape) in torch, NumPy and MindSpore.
+* ``decode --impl {ours7b,ours13b,hf,mf}``: batch-1 greedy decoding of ``--new`` tokens after a
+  ``--prompt``-token prompt, ``--reps`` times after a warm-up; decode excludes the prefill.
+* ``train --impl {ours7b,mf,hf}``: forward + backward + AdamW step, ``--steps`` timed steps after
+  ``--warmup`` steps.
+* ``profile --impl {ours7b,ours13b,mf} --phase {decode,train}``: MindSpore profiler, per-step
+  kernel time by category (decode steps of our model; training steps of ours or MindFormers' Llama).
+"""
+import argparse
+import time
+
+import bench_common as bc
+bc.pin_threads()   # before numpy/torch/mindspore load their thread pools
+
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+
+
+# ----------------------------------------------------------------------------------------------------
+# network builders
+
+def ms_config(use_past, batch_size, seq_length, **extra):
+    """MindFormers ``LlamaConfig`` of the bench shape, fp32, portable CPU paths."""
+    from mindformers.models import LlamaConfig  # pylint: disable=import-outside-toplevel
+    shape = bc.BENCH_SHAPE
+    kwargs = dict(batch_size=batch_size, seq_length=seq_length, hidden_size=shape["hidden_size"],
+                  num_layers=shape["num_layers"], num_heads=shape["num_heads"],
+                  intermediate_size=shape["intermediate_size"], vocab_size=shape["vocab_size"],
+                  rms_norm_eps=shape["rms_norm_eps"], compute_dtype="float32", param_init_type="float32",
+                  embedding_init_type="float32", layernorm_compute_type="float32",
+                  softmax_compute_type="float32", rotary_dtype="float32", use_past=use_past,
+                  fused_rms_norm=False, use_flash_attention=False, do_sample=False,
+                  pad_token_id=0, eos_token_id=2)
+    kwargs.update(extra)
+    return LlamaConfig(**kwargs)
+
+
+def build_ours(kind, use_past, batch_size, seq_length):
+    import baichuan2_7b  # pylint: disable=import-outside-toplevel
+    import baichuan2_13b  # pylint: disable=import-outside-toplevel
+    cls = {"ours7b": baichuan2_7b.Baichuan7BV2ForCausalLM, "ours13b": baichuan2_13b.Baichuan13BV2ForCausalLM}[kind]
+    return cls(ms_config(use_past, batch_size, seq_length))
+
+
+def build_mf_llama(batch_size, seq_length):
+    """MindFormers' own LlamaForCausalLM (legacy path), with the CPU settings it needs."""
+    from mindformers.models import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+    config = ms_config(False, batch_size, seq_length, use_rope_slice=True, qkv_concat=False)
+    return LlamaForCausalLM(config=config)
+
+
+def build_hf_llama(torch):
+    from transformers import LlamaConfig, LlamaForCausalLM  # pylint: disable=import-outside-toplevel
+    shape = bc.BENCH_SHAPE
+    config = LlamaConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                         intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                         num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_heads"],
+                         max_position_embeddings=4096, rms_norm_eps=shape["rms_norm_eps"], rope_theta=10000.0,
+                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    return model
+
+
+def prompt_ids(length, seed=0):
+    return np.random.RandomState(seed).randint(3, bc.BENCH_SHAPE["vocab_size"], size=length).astype(np.int64)
+
+
+def count_params_ms(net):
+    return int(sum(int(np.prod(p.shape)) for p in net.trainable_params()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# bandwidth
+
+def task_bandwidth(args):
+    torch = bc.setup_torch()
+    bc.setup_mindspore("graph")
+    from mindspore import nn, ops, Parameter, Tensor  # pylint: disable=import-outside-toplevel
+    rows, cols = bc.BENCH_SHAPE["vocab_size"], bc.BENCH_SHAPE["hidden_size"]
+    weight = np.random.RandomState(0).standard_normal((rows, cols)).astype(np.float32)
+    vector = np.random.RandomState(1).standard_normal((1, cols)).astype(np.float32)
+    reps = 5 if args.quick else 30
+    result = {"task": "bandwidth", "matrix": [rows, cols], "bytes": weight.nbytes, "repetitions": reps}
+
+    def timed(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return weight.nbytes / bc.median(times) / 1e9
+
+    w_t, x_t = torch.from_numpy(weight), torch.from_numpy(vector)
+    with torch.inference_mode():
+        result["torch_gbs"] = timed(lambda: torch.nn.functional.linear(x_t, w_t))
+        result["torch_sum_gbs"] = timed(w_t.sum)          # plain streaming read, for reference
+        torch.set_num_threads(1)
+        result["torch_1thread_gbs"] = timed(lambda: torch.nn.functional.linear(x_t, w_t))
+        torch.set_num_threads(bc.THREADS)
+    result["numpy_gbs"] = timed(lambda: weight @ vector[0])
+    result["numpy_blas"] = numpy_blas_info()
+
+    class MatVec(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.weight = Parameter(Tensor(weight), name="w")
+            self.matmul = ops.MatMul(transpose_b=True)
+
+        def construct(self, x):
+            return self.matmul(x, self.weight)
+
+    net, x_ms = MatVec(), Tensor(vector)
+    result["mindspore_gbs"] = timed(lambda: net(x_ms).asnumpy())
+    result["torch_threads"] = torch.get_num_threads()
+    result["best_gbs"] = max(result["torch_gbs"], result["numpy_gbs"], result["mindspore_gbs"])
+    return result
+
+
+def numpy_blas_info():
+    """NumPy's OpenBLAS build and the kernel it selected (``openblas_get_corename``)."""
+    import ctypes  # pylint: disable=import-outside-toplevel
+    import glob  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "libopenblas*"))
+    info = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE", "(unset)")}
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for suffix in ("64_", ""):
+            name = getattr(lib, "openblas_get_corename" + suffix, None)
+            if name is not None:
+                name.restype = ctypes.c_char_p
+                info["library"] = os.path.basename(path)
+                info["kernel"] = name().decode()
+                info["threads"] = getattr(lib, "openblas_get_num_threads" + suffix)()
+                return info
+    info["kernel"] = "unknown"
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode
+
+def decode_ours(args, ms):
+    net = build_ours(args.impl, True, 1, bc.BENCH_SHAPE["seq_length"])
+    net.set_train(False)
+    built_rss = bc.current_rss_mb()
+    ids = prompt_ids(args.prompt).tolist()
+    kwargs = dict(do_sample=False, eos_token_id=[-1], repetition_penalty=1.0)   # never stops early
+    start = time.perf_counter()
+    net.generate(ids, max_new_tokens=3, **kwargs)                                # compiles prefill + decode
+    warmup_s = time.perf_counter() - start
+    runs = []
+    for _ in range(args.reps):
+        streamer = bc.TimingStreamer()
+        out = net.generate(ids, max_new_tokens=args.new, streamer=streamer, **kwargs)
+        assert len(out[0]) == args.prompt + args.new, len(out[0])
+        runs.append((streamer.prefill_s(), streamer.step_times()))
+    result = bc.summarize_decode(runs, args.prompt, args.new)
+    result.update(warmup_s=warmup_s, rss_after_build_mb=built_rss, params=count_params_ms(net),
+                  kv_cache_slots=bc.BENCH_SHAPE["seq_length"], mode=ms.get_context("mode"))
+    return result
+
+
+def decode_mf(args, ms):
+    """MindFormers' LlamaForCausalLM without KV cache (its cache path needs Ascend-only kernels).
+
+    As MindFormers' own no-cache generation: the input is padded to a fixed width (prompt + new
+    tokens, one graph), every step runs the full forward and reads the logits of the last valid token.
+    """
+    from mindspore import Tensor  # pylint: disable=import-outside-toplevel
+    from mindspore import dtype as mstype  # pylint: disable=import-outside-toplevel
+    width = args.prompt + args.new
+    net = build_mf_llama(1, width)
+    net.set_train(False)
+    built_rss = bc.current_rss_mb()
+    prompt = prompt_ids(args.prompt)
+
+    def generate(new_tokens):
+        tokens = np.zeros((1, width), dtype=np.int32)
+        tokens[0, :args.prompt] = prompt
+        length = args.prompt
+        stamps = [time.perf_counter()]
+        for _ in range(new_tokens):
+            out = net(Tensor(tokens), None, None, None, None, None, None, Tensor([length], mstype.int32))
+            logits = out[0].asnumpy().reshape(-1, bc.BENCH_SHAPE["vocab_size"])[-1]
+            tokens[0, length] = int(np.argmax(logits))
+            length += 1
+            stamps.append(time.perf_counter())
+        return stamps
+
+    start = time.perf_counter()
+    generate(1)
+    warmup_s = time.perf_counter() - start
+    runs = []
+    for _ in range(args.reps):
+        stamps = generate(args.new)
+        runs.append((stamps[1] - stamps[0], [b - a for a, b in zip(stamps[1:], stamps[2:])]))
+    result = bc.summarize_decode(runs, args.prompt, args.new)
+    result.update(warmup_s=warmup_s, rss_after_build_mb=built_rss, params=count_params_ms(net),
+                  kv_cache_slots=0, mode=ms.get_context("mode"))
+    return result
+
+
+def decode_hf(args, torch):
+    model = build_hf_llama(torch).eval()
+    built_rss = bc.current_rss_mb()
+    ids = torch.tensor(prompt_ids(args.prompt)).reshape(1, -1)
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, do_sample=False, use_cache=True, eos_token_id=None, pad_token_id=0,
+                  num_beams=1)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=3, **kwargs)
+        warmup_s = time.perf_counter() - start
+        runs = []
+        for _ in range(args.reps):
+            streamer = bc.TimingStreamer()
+            out = model.generate(ids, max_new_tokens=args.new, streamer=streamer, **kwargs)
+            assert out.shape[1] == args.prompt + args.new, out.shape
+            runs.append((streamer.prefill_s(), streamer.step_times()))
+    result = bc.summarize_decode(runs, args.prompt, args.new)
+    result.update(warmup_s=warmup_s, rss_after_build_mb=built_rss,
+                  params=int(sum(p.numel() for p in model.parameters())),
+                  attn_implementation=model.config._attn_implementation)  # pylint: disable=protected-access
+    return result
+
+
+def task_decode(args):
+    if args.impl == "hf":
+        result = decode_hf(args, bc.setup_torch())
+    else:
+        ms = bc.setup_mindspore(args.mode)
+        result = decode_ours(args, ms) if args.impl.startswith("ours") else decode_mf(args, ms)
+    result.update(task="decode", impl=args.impl)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# training
+
+def train_ms(args, ms):
+    from mindspore import nn, Tensor  # pylint: disable=import-outside-toplevel
+    if args.impl == "mf":
+        net = build_mf_llama(args.batch, args.seq)
+    else:
+        net = build_ours(args.impl, False, args.batch, args.seq)
+    net.set_train(True)
+    built_rss = bc.current_rss_mb()
+    optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-5, weight_decay=0.0)
+    step = nn.TrainOneStepCell(net, optimizer)
+    step.set_train(True)
+    rng = np.random.RandomState(0)
+    batches = [Tensor(rng.randint(3, bc.BENCH_SHAPE["vocab_size"], size=(args.batch, args.seq + 1)).astype(np.int32))
+               for _ in range(2)]
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = float(step(batches[i % 2]).asnumpy())
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+    return {"params": count_params_ms(net), "step_times": times, "losses": losses, "rss_after_build_mb": built_rss,
+            "mode": ms.get_context("mode"), "optimizer": "mindspore.nn.AdamWeightDecay"}
+
+
+def train_hf(args, torch):
+    model = build_hf_llama(torch).train()
+    built_rss = bc.current_rss_mb()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    rng = np.random.RandomState(0)
+    batches = [torch.tensor(rng.randint(3, bc.BENCH_SHAPE["vocab_size"], size=(args.batch, args.seq + 1)))
+               for _ in range(2)]
+    losses, times = [], []
+    for i in range(args.warmup + args.steps):
+        ids = batches[i % 2]
+        start = time.perf_counter()
+        logits = model(input_ids=ids[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss))
+    return {"params": int(sum(p.numel() for p in model.parameters())), "step_times": times, "losses": losses,
+            "rss_after_build_mb": built_rss, "mode": "eager", "optimizer": "torch.optim.AdamW (foreach)"}
+
+
+def task_train(args):
+    if args.impl == "hf":
+        result = train_hf(args, bc.setup_torch())
+    else:
+        result = train_ms(args, bc.setup_mindspore("graph"))
+    timed = result["step_times"][args.warmup:]
+    result.update(task="train", impl=args.impl, batch=args.batch, seq=args.seq, warmup=args.warmup,
+                  steps=args.steps, step_s=bc.median(timed), first_step_s=result["step_times"][0],
+                  tokens_s=args.batch * args.seq / bc.median(timed))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# profile (MindSpore's profiler: host CPU kernel times per op)
+
+def _read_op_times(profile_dir):
+    """Rows (op_type, full_op_name, total_ms) from the profiler's cpu_op_detail_info csv."""
+    import csv  # pylint: disable=import-outside-toplevel
+    import glob  # pylint: disable=import-outside-toplevel
+    rows = []
+    for path in glob.glob(f"{profile_dir}/**/cpu_op_detail_info_*.csv", recursive=True):
+        with open(path, encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                rows.append((row["op_type"], row["full_op_name"], float(row["op_total_time(ms)"])))
+    return rows
+
+
+def _kernel_timeline(profile_dir, steps):
+    """Kernels per step and the median idle gap between consecutive kernels (microseconds)."""
+    import glob  # pylint: disable=import-outside-toplevel
+    events = []
+    for path in glob.glob(f"{profile_dir}/**/cpu_op_execute_timestamp_*.txt", recursive=True):
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                parts = line.strip().split(";", 2)
+                if len(parts) < 3:
+                    continue
+                for item in parts[2].split():
+                    start, duration = item.split(",")[:2]
+                    events.append((int(start) / 1000.0, float(duration) * 1000.0))    # ns -> us, ms -> us
+    if len(events) < 2:
+        return {}
+    events.sort()
+    gaps = [b[0] - (a[0] + a[1]) for a, b in zip(events, events[1:])]
+    return {"kernels_per_step": len(events) / steps, "median_gap_us": bc.median(gaps)}
+
+
+def categorize(rows, steps, phase):
+    """Per-step milliseconds by category, plus the top ops.
+
+    The profiler puts some layer-weight gradient MatMuls under the lm_head scope, so the lm_head's
+    MatMuls are: the forward MatMul(s) in its scope and, in training, the two largest gradient
+    MatMuls in its scope (input and weight gradients of the (tokens x h) @ (h x V) product).
+    """
+    head_fwd = [r for r in rows if r[0] == "MatMul" and "lm_head" in r[1] and not r[1].startswith("Gradients")]
+    head_bwd = sorted([r for r in rows if r[0] == "MatMul" and "lm_head" in r[1] and r[1].startswith("Gradients")],
+                      key=lambda r: -r[2])[:2 if phase == "train" else 0]
+    head = {id(r) for r in head_fwd + head_bwd}
+    cats = {}
+
+    def add(name, ms_total):
+        cats[name] = cats.get(name, 0.0) + ms_total / steps
+
+    for row in rows:
+        op_type, name, total = row
+        if id(row) in head:
+            add("lm_head MatMul", total)
+        elif op_type in ("MatMul", "BatchMatMul") and phase == "decode" and op_type == "BatchMatMul":
+            add("attention BatchMatMul (QK^T, PV over the cache)", total)
+        elif op_type in ("MatMul", "BatchMatMul"):
+            add("layer MatMuls" if phase == "decode" else "other MatMuls (layers, attention)", total)
+        elif op_type in ("ScatterNdUpdate", "ScatterUpdate", "TensorScatterUpdate", "IndexAdd", "TensorMove"):
+            add("KV cache write (" + op_type + ")", total)
+        elif "optimizer" in name or op_type.startswith("Adam"):
+            add("optimizer (AdamWeightDecay)", total)
+        elif "lm_head" in name:
+            add("lm_head non-MatMul ops (NormHead row norms and their gradients)", total)
+        elif "loss" in name:
+            add("loss (cross entropy)", total)
+        elif "tok_embeddings" in name:
+            add("embedding (gather / its gradient)", total)
+        else:
+            add("other ops", total)
+    top = sorted(rows, key=lambda r: -r[2])[:8]
+    by_type = {}
+    for op_type, _, total in rows:
+        by_type[op_type] = by_type.get(op_type, 0.0) + total / steps
+    return {"categories_ms": cats, "ops_ms": sum(cats.values()), "by_type_ms": by_type,
+            "top_ops": [{"type": t, "name": n, "ms_per_step": ms / steps} for t, n, ms in top]}
+
+
+def task_profile(args):
+    import shutil  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    bc.setup_mindspore("graph")
+    from mindspore import nn, Tensor, Profiler  # pylint: disable=import-outside-toplevel
+    from mindspore import dtype as mstype  # pylint: disable=import-outside-toplevel
+    from mindspore.profiler import ProfilerLevel  # pylint: disable=import-outside-toplevel
+    if args.phase == "decode":
+        net = build_ours(args.impl, True, 1, bc.BENCH_SHAPE["seq_length"])
+        net.set_train(False)
+        ids = prompt_ids(args.prompt)
+        net.generate(ids.tolist(), max_new_tokens=3, do_sample=False, eos_token_id=[-1])   # compile both graphs
+        net.set_decode_phase(False)
+        token = Tensor(np.array([[5]], np.int32))
+        position = [args.prompt]
+
+        def run():
+            position[0] += 1
+            return net(token, None, None, None, None, None, None, Tensor([position[0]], mstype.int32)).asnumpy()
+        steps = 5 if args.quick else 20
+    else:
+        net = build_mf_llama(args.batch, args.seq) if args.impl == "mf" else build_ours(args.impl, False, args.batch,
+                                                                                           args.seq)
+        net.set_train(True)
+        step = nn.TrainOneStepCell(net, nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-5,
+                                                           weight_decay=0.0))
+        step.set_train(True)
+        batch = Tensor(np.random.RandomState(0).randint(3, bc.BENCH_SHAPE["vocab_size"],
+                                                        size=(args.batch, args.seq + 1)).astype(np.int32))
+
+        def run():
+            return step(batch).asnumpy()
+        run()
+        steps = 1 if args.quick else 2
+    run()
+    wall = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        run()
+        wall.append(time.perf_counter() - start)
+    out_dir = tempfile.mkdtemp(prefix="bench_profile_")
+    try:
+        profiler = Profiler(output_path=out_dir, profiler_level=ProfilerLevel.Level1)
+        for _ in range(steps):
+            run()
+        profiler.analyse()
+        result = categorize(_read_op_times(out_dir), steps, args.phase)
+        result.update(_kernel_timeline(out_dir, steps))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    result.update(task="profile", impl=args.impl, phase=args.phase, steps=steps, wall_ms=1000 * bc.median(wall),
+                  prompt=args.prompt if args.phase == "decode" else None,
+                  batch=args.batch, seq=args.seq if args.phase == "train" else None)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("task", choices=("bandwidth", "decode", "train", "profile"))
+    parser.add_argument("--out", required=True, help="JSON file for the result")
+    parser.add_argument("--impl", default="ours7b", choices=("ours7b", "ours13b", "mf", "hf"))
+    parser.add_argument("--mode", default="graph", choices=("graph", "pynative"), help="MindSpore mode (decode)")
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=32, help="new tokens per decode repetition")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--phase", default="decode", choices=("decode", "train"), help="what to profile")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    tasks = {"bandwidth": task_bandwidth, "decode": task_decode, "train": task_train, "profile": task_profile}
+    result = tasks[args.task](args)
+    result["threads"] = bc.THREADS
+    bc.write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
