@@ -445,7 +445,8 @@ def prepare_run(args):
     if config.use_parallel:
         from baichuan2_parallel import validate_parallel_config  # pylint: disable=import-outside-toplevel
         validate_parallel_config(config.parallel_config, model_config, rank_size,
-                                 config.context.device_target, config.runner_config.batch_size)
+                                 config.context.device_target, config.runner_config.batch_size,
+                                 run_mode=args.run_mode)
     setup_context(config)
     return config
 
