@@ -65,11 +65,32 @@ def _portable_overflow_status(self, status, compute_output):  # pylint: disable=
     return overflow
 
 
+def _allreduce_barrier(group=None):
+    """Barrier from an AllReduce, which MindSpore's CPU backend has (its ``Barrier`` kernel is missing)."""
+    from mindspore.communication import GlobalComm  # pylint: disable=import-outside-toplevel
+    ops.AllReduce(group=group or GlobalComm.WORLD_COMM_GROUP)(Tensor(np.ones(1, np.float32))).asnumpy()
+
+
+# MindFormers modules that imported ``barrier`` by name and call it on data-parallel paths.
+_BARRIER_USERS = ("mindformers.trainer.utils", "mindformers.core.callback.callback",
+                  "mindformers.utils.load_checkpoint_utils", "mindformers.version_control")
+
+
 def prepare_cpu_training():
-    """Make MindFormers' loss-scale training wrappers run on CPU (no-op on Ascend/GPU)."""
+    """Make MindFormers' training paths run on CPU (no-op on Ascend/GPU).
+
+    * the loss-scale wrappers' overflow check (``NPUGetFloatStatusV2``) -> IsFinite + ReduceAll;
+    * ``comm_func.barrier`` (no CPU kernel), called when loading a checkpoint with
+      ``use_parallel`` -> an AllReduce barrier.
+    """
     if device_capabilities().device_target != "CPU":
         return
     nn.TrainOneStepWithLossScaleCell.get_overflow_status = _portable_overflow_status
+    import importlib  # pylint: disable=import-outside-toplevel
+    for name in _BARRIER_USERS:
+        module = importlib.import_module(name)
+        if hasattr(module, "barrier"):
+            module.barrier = _allreduce_barrier
 
 
 def adapt_parallel_for_device(config):
