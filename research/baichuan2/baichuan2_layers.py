@@ -49,13 +49,18 @@ class KVCache(nn.Cell):
         self.seq_length = seq_length
         self.key_past = Parameter(Tensor(np.zeros(shape), dtype), name="key_past", requires_grad=False)
         self.value_past = Parameter(Tensor(np.zeros(shape), dtype), name="value_past", requires_grad=False)
-        self.scatter_key = ops.ScatterNdUpdate()
-        self.scatter_value = ops.ScatterNdUpdate()
-        heads = np.arange(num_heads, dtype=np.int32)
-        self.head_index = Tensor(heads.reshape(1, num_heads, 1), mstype.int32)
+        # IndexAdd updates the parameter in place; the CPU ScatterNdUpdate kernel copies the whole cache.
+        self.index_add_key = ops.IndexAdd(axis=2)
+        self.index_add_value = ops.IndexAdd(axis=2)
+        self.row_eye = Tensor(np.eye(batch_size).reshape(batch_size, 1, batch_size, 1), dtype)
 
-    def prefill(self, key, value):
-        """Store the keys/values of positions [0, S) of every row; returns the cache (B, H, T, D)."""
+    def prefill(self, key, value, valid):
+        """Store the keys/values of positions [0, S) of every row, zero where ``valid`` (B, 1, S, 1) is 0.
+
+        Every slot at or past a row's valid length is left zero, which ``update`` relies on.
+        """
+        key = key * valid
+        value = value * valid
         pad = self.seq_length - key.shape[2]
         if pad > 0:
             key = ops.pad(key, (0, 0, 0, pad))
@@ -67,16 +72,15 @@ class KVCache(nn.Cell):
     def update(self, key, value, position):
         """Write one step: key/value (B, H, 1, D) at ``position`` (B,) of each row.
 
+        ``IndexAdd`` along the position axis with a block-diagonal update (row b adds its key at
+        position[b] and zeros elsewhere): in place, and exact because the slot is still zero (``prefill``
+        zeroes every slot past the prompt and live rows write each position once). Rows that finished
+        and keep re-writing a frozen position only change their own (ignored) outputs.
         Returns the whole cache (B, H, T, D) read after the write.
         """
-        batch, heads = key.shape[0], key.shape[1]
-        batch_index = ops.arange(batch, dtype=mstype.int32).reshape(batch, 1, 1)
-        batch_index = ops.broadcast_to(batch_index, (batch, heads, 1))
-        head_index = ops.broadcast_to(self.head_index, (batch, heads, 1))
-        pos_index = ops.broadcast_to(position.reshape(batch, 1, 1), (batch, heads, 1))
-        indices = ops.concat((batch_index, head_index, pos_index), axis=-1)  # (B, H, 3)
-        key_cache = ops.depend(self.key_past, self.scatter_key(self.key_past, indices, key.squeeze(2)))
-        value_cache = ops.depend(self.value_past, self.scatter_value(self.value_past, indices, value.squeeze(2)))
+        key_cache = ops.depend(self.key_past, self.index_add_key(self.key_past, position, key * self.row_eye))
+        value_cache = ops.depend(self.value_past,
+                                 self.index_add_value(self.value_past, position, value * self.row_eye))
         return key_cache, value_cache
 
 
@@ -89,8 +93,9 @@ class Baichuan2Attention(nn.Cell):
         rotary: ``(cos, sin, swap_mask)`` from MindFormers' ``FreqsMgr`` (7B) or None.
         bias: additive score bias broadcastable to (B, H, S, T) in fp32 (13B ALiBi) or None.
         position: (B,) int32 write position of a decode step, or None for a full forward.
-        write_cache: a full forward that starts generation stores its keys/values in the cache;
-            other full forwards (training, evaluation) leave the cache alone.
+        write_cache: (B, 1, S, 1) mask of each row's valid positions when a full forward starts
+            generation (its keys/values go to the cache, zero past each row's length); None for
+            other full forwards (training, evaluation), which leave the cache alone.
     Output: (B, S, h).
     """
 
@@ -129,7 +134,7 @@ class Baichuan2Attention(nn.Cell):
         batch, seq, _ = x.shape
         return x.reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=False):
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None):
         batch, seq, _ = x.shape
         query = self._split_heads(self.wq(x))
         key = self._split_heads(self.wk(x))
@@ -139,8 +144,8 @@ class Baichuan2Attention(nn.Cell):
         if self.use_past:
             if position is not None:
                 key, value = self.kvcache_mgr.update(key, value, position)
-            elif write_cache:
-                self.kvcache_mgr.prefill(key, value)
+            elif write_cache is not None:
+                self.kvcache_mgr.prefill(key, value, write_cache)
 
         if self.use_flash_attention:
             context = self._flash_attention(query, key, value, keep, bias)
@@ -195,7 +200,7 @@ class Baichuan2DecodeLayer(nn.Cell):
                                              param_init_type=config.param_init_type)
         self.residual_dtype = config.residual_dtype
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=False):
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None):
         h = self.attention(self.attention_norm(x), keep, rotary, bias, position, write_cache)
         h = x.astype(self.residual_dtype) + h.astype(self.residual_dtype)
         out = self.feed_forward(self.ffn_norm(h))
@@ -303,7 +308,10 @@ class Baichuan2Model(LlamaPreTrainedModel):
             position = None
             keep = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
         rotary, bias = self._position_inputs(seq_len, position)
-        write_cache = self.use_past and position is None and batch_valid_length is not None
+        write_cache = None      # prefill: (B, 1, S, 1) mask of each row's valid positions
+        if self.use_past and position is None and batch_valid_length is not None:
+            valid = self.key_positions[:seq_len].reshape(1, -1) < batch_valid_length.reshape(-1, 1)
+            write_cache = valid.astype(self.config.compute_dtype).reshape(-1, 1, seq_len, 1)
         for layer in self.layers:
             hidden = layer(hidden, keep, rotary, bias, position, write_cache)
         return self.norm_out(hidden)
