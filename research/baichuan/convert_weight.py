@@ -6,12 +6,13 @@
 Runs ``research/baichuan2/convert_weight.py`` (same options; see ``--help``).
 """
 import os
-import runpy
 import sys
 
-_TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                       "baichuan2", "convert_weight.py")
+_PLUGIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "baichuan2")
+if _PLUGIN not in sys.path:
+    sys.path.insert(0, _PLUGIN)
+
+from convert_weight import main  # noqa: E402  pylint: disable=wrong-import-position
 
 if __name__ == "__main__":
-    sys.argv[0] = _TARGET
-    runpy.run_path(_TARGET, run_name="__main__")
+    sys.exit(main())
