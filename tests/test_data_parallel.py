@@ -132,3 +132,19 @@ def test_two_nodes_on_loopback_equal_one_process_with_double_batch(single_proces
     outputs = _wait(procs)
     assert all(p.returncode == 0 for p in procs), [o[-2000:] for o in outputs]
     _check_same_as_single(run, cwd, cwd / "out", outputs)
+
+
+def test_auto_trans_ckpt_on_cpu_cuts_each_rank_its_checkpoint(single_process_run):
+    """auto_trans_ckpt without strategy files (CPU): each rank gets its layout cut from the complete ckpt."""
+    run = single_process_run
+    cwd = run["tmp"] / "autotrans"
+    cwd.mkdir()
+    env = dict(os.environ, MF_LAUNCH_BACKEND="msrun", MS_SCHED_PORT=str(_free_port()), GLOG_v="3")
+    command = _dp_command(run, cwd / "out") + " --auto_trans_ckpt True"
+    proc = _launch("run_singlenode.sh", cwd, command, run["table"], "[0,2]", env)
+    outputs = _wait([proc])
+    assert proc.returncode == 0, outputs[0][-3000:]
+    for rank in (0, 1):
+        cut = cwd / "out" / "transformed_checkpoint" / "ms_7b" / f"rank_{rank}" / f"checkpoint_{rank}.ckpt"
+        assert cut.is_file(), sorted(str(p) for p in (cwd / "out").rglob("*.ckpt"))
+    _check_same_as_single(run, cwd, cwd / "out", outputs)

@@ -466,9 +466,38 @@ def setup_context(config):
     print(f"MindSpore context: {mode} mode on {ms.get_context('device_target')}", flush=True)
 
 
+def apply_portable_checkpoint_transform(config):
+    """``auto_trans_ckpt`` on a device without operator parallel (CPU).
+
+    MindFormers' automatic transform needs the strategy files that a semi-auto parallel compile
+    writes, which cannot exist here. Instead this rank's checkpoint is cut from a complete checkpoint
+    (or re-laid from a ``rank_x/`` folder) by the strategy-free layout transform of
+    ``baichuan2_ckpt_layout`` into ``output_dir/transformed_checkpoint/``, and loaded as is.
+    A folder of several complete checkpoints (base + LoRA) needs no transform and is left alone.
+    """
+    from baichuan2_device import device_capabilities  # pylint: disable=import-outside-toplevel
+    path = config.load_checkpoint
+    if not (config.auto_trans_ckpt and path) or device_capabilities(config.context.device_target).operator_parallel:
+        return
+    if os.path.isdir(path) and not glob.glob(os.path.join(path, "rank_*")) \
+            and len(glob.glob(os.path.join(path, "*.ckpt"))) != 1:
+        config.auto_trans_ckpt = False
+        return
+    from baichuan2_ckpt_layout import checkpoint_for_rank  # pylint: disable=import-outside-toplevel
+    parallel = config.parallel_config if config.use_parallel else {}
+    rank_id = int(os.getenv("RANK_ID", "0")) if config.use_parallel else 0
+    config.load_checkpoint = checkpoint_for_rank(
+        path, config.output_dir or "./output", parallel.get("data_parallel") or 1,
+        parallel.get("model_parallel") or 1, parallel.get("pipeline_stage") or 1, rank_id,
+        src_strategy=config.src_strategy_path_or_dir or None)
+    config.auto_trans_ckpt = False
+    logger.info("auto_trans_ckpt: rank %d loads %s", rank_id, config.load_checkpoint)
+
+
 def run_trainer(config, args):
     """Dispatch ``--run_mode`` to ``mindformers.Trainer`` as the original script does."""
     from mindformers import Trainer  # pylint: disable=import-outside-toplevel
+    apply_portable_checkpoint_transform(config)
     ckpt = config.load_checkpoint or None
     if args.run_mode in ("train", "finetune"):
         trainer = Trainer(args=config, task=args.task, train_dataset=config.train_dataset.data_loader.dataset_dir)
