@@ -16,19 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from baichuan2_inference import str2bool  # noqa: E402  pylint: disable=wrong-import-position
+
 RUN_MODES = ("train", "finetune", "eval", "predict", "export")
-
-
-def str2bool(value):
-    """argparse type for True/False flags, as in the original scripts."""
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def build_parser():
