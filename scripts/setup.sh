@@ -7,9 +7,10 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 'setuptools<75' wheel
+.venv/bin/python -m pip install -q --upgrade pip 'setuptools==78.1.1' wheel
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/python -m pip check   # fail here, not in a user's run, if the pins conflict
 .venv/bin/python -c "import mindspore, mindformers, torch, transformers, sentencepiece; \
 print('setup ok: mindspore', mindspore.__version__, '| mindformers', mindformers.__version__, \
 '| torch', torch.__version__, '| transformers', transformers.__version__)" 2>&1 | tail -1
