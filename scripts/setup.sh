@@ -7,7 +7,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip 'setuptools==78.1.1' wheel
+.venv/bin/python -m pip install -q 'pip==26.3' 'setuptools==78.1.1' 'wheel==0.48.0'
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 .venv/bin/python -m pip check   # fail here, not in a user's run, if the pins conflict
