@@ -46,6 +46,12 @@ def build_ours(kind, use_past, batch_size, seq_length):
     return cls(ms_config(use_past, batch_size, seq_length))
 
 
+def decode_window(length, seq_length):
+    """Cache slots our decode step reads at a context of ``length`` tokens (the plugin's rule)."""
+    from baichuan2_generation import decode_window as window  # pylint: disable=import-outside-toplevel
+    return window(length, seq_length)
+
+
 def build_mf_llama(batch_size, seq_length):
     """MindFormers' own LlamaForCausalLM (legacy path), with the CPU settings it needs."""
     from mindformers.models import LlamaForCausalLM  # pylint: disable=import-outside-toplevel
@@ -163,7 +169,9 @@ def decode_ours(args, ms):
         runs.append((streamer.prefill_s(), streamer.step_times()))
     result = bc.summarize_decode(runs, args.prompt, args.new)
     result.update(warmup_s=warmup_s, rss_after_build_mb=built_rss, params=count_params_ms(net),
-                  kv_cache_slots=bc.BENCH_SHAPE["seq_length"], mode=ms.get_context("mode"))
+                  kv_cache_slots=bc.BENCH_SHAPE["seq_length"],
+                  kv_window_slots=decode_window(args.prompt + args.new, bc.BENCH_SHAPE["seq_length"]),
+                  mode=ms.get_context("mode"))
     return result
 
 
@@ -396,10 +404,13 @@ def task_profile(args):
         net.set_decode_phase(False)
         token = Tensor(np.array([[5]], np.int32))
         position = [args.prompt]
+        seq_length = bc.BENCH_SHAPE["seq_length"]
 
-        def run():
+        def run():      # as generate(): the cache window that holds the context
             position[0] += 1
-            return net(token, None, None, None, None, None, None, Tensor([position[0]], mstype.int32)).asnumpy()
+            window = Tensor(np.arange(decode_window(position[0], seq_length), dtype=np.int32))
+            return net(token, None, None, None, None, None, None, Tensor([position[0]], mstype.int32),
+                       window).asnumpy()
         steps = 5 if args.quick else 20
     else:
         net = build_mf_llama(args.batch, args.seq) if args.impl == "mf" else build_ours(args.impl, False, args.batch,
@@ -431,6 +442,8 @@ def task_profile(args):
         result.update(_kernel_timeline(out_dir, steps))
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
+    if args.phase == "decode":
+        result["kv_window_slots"] = decode_window(position[0], bc.BENCH_SHAPE["seq_length"])
     result.update(task="profile", impl=args.impl, phase=args.phase, steps=steps, wall_ms=1000 * bc.median(wall),
                   prompt=args.prompt if args.phase == "decode" else None,
                   batch=args.batch, seq=args.seq if args.phase == "train" else None)

@@ -14,6 +14,7 @@ from reference.torch_baichuan2 import TorchBaichuan2, alibi_slopes
 from model_fixtures import tiny_pair, build_network, execution_mode
 
 from baichuan2_13b import build_alibi_slopes
+from baichuan2_generation import decode_window
 
 LOGIT_ATOL = 1e-4
 MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
@@ -129,6 +130,45 @@ def test_greedy_with_kv_cache_matches_without_and_reference(tiny, mode):
     assert batched == expected
     assert padded_out == expected[:2]
     assert no_cache == expected
+
+
+def test_decode_windows():
+    """A decode step reads the first multiple of max(128, seq_length // 8) slots that holds every row."""
+    assert [decode_window(n, 384) for n in (1, 128, 129, 256, 257, 384)] == [128, 128, 256, 256, 384, 384]
+    assert [decode_window(n, 4096) for n in (1, 512, 513, 4000)] == [512, 512, 1024, 4096]
+    assert decode_window(20, 32) == 32                     # never more slots than the cache has
+    assert len({decode_window(n, 4096) for n in range(1, 4097)}) == 8
+
+
+def test_decode_step_over_a_window_of_the_cache_matches_reference(tiny):
+    """Decode steps that read only the first W cache slots give the full-forward logits, also while the
+    longest row crosses from one window (128 slots) to the next (256), for rows of different lengths."""
+    kind, _, hf_config, ckpt, reference = tiny
+    rng = np.random.RandomState(11)
+    rows = [list(rng.randint(3, hf_config["vocab_size"], size=n)) for n in (125, 60)]
+    with execution_mode(ms.GRAPH_MODE):
+        net = build_network(kind, hf_config, ckpt, use_past=True, batch_size=2, seq_length=384)
+        tokens = np.zeros((2, 128), dtype=np.int32)
+        for i, row in enumerate(rows):
+            tokens[i, :len(row)] = row
+        net.set_decode_phase(True)
+        logits = net(ms.Tensor(tokens), batch_valid_length=ms.Tensor([125, 60], ms.int32)).asnumpy()
+        net.set_decode_phase(False)
+        windows = []
+        for _ in range(6):                                 # row 0 grows from 126 to 131 tokens
+            for row, row_logits in zip(rows, logits):
+                row.append(int(np.argmax(row_logits)))
+            lengths = np.array([len(r) for r in rows], dtype=np.int32)
+            window = decode_window(int(lengths.max()), 384)
+            windows.append(window)
+            step = np.array([[r[-1]] for r in rows], dtype=np.int32)
+            logits = net(ms.Tensor(step), batch_valid_length=ms.Tensor(lengths),
+                         key_positions=ms.Tensor(np.arange(window, dtype=np.int32))).asnumpy()
+            for row, row_logits in zip(rows, logits):
+                expected = reference.logits(np.array([row], dtype=np.int32))[0, -1].numpy()
+                assert np.abs(row_logits - expected).max() <= LOGIT_ATOL
+        net.set_decode_phase(True)
+    assert windows == [128, 128, 128, 256, 256, 256]
 
 
 def test_generate_stops_at_eos_and_respects_length_limits(tiny):

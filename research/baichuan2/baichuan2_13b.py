@@ -43,15 +43,14 @@ class Baichuan13BV2Model(Baichuan2Model):
         # Key positions 0..seq_length: one more than the cache, so evaluation can run on training
         # records (seq_length + 1 tokens).
         self.alibi_positions = Tensor(np.arange(config.seq_length + 1, dtype=np.float32))
-        self.cache_positions = Tensor(np.arange(config.seq_length, dtype=np.float32))        # (T,)
 
-    def _position_inputs(self, seq_len, position):
+    def _position_inputs(self, seq_len, position, key_positions):
         """ALiBi bias: (1, H, S, S) for a full forward, (B, H, 1, T) for a decode step."""
         if position is None:
             keys = self.alibi_positions[:seq_len]
             distance = keys.reshape(1, -1) - keys.reshape(-1, 1)                             # (S, S): j - i
             return None, self.alibi_slopes * distance.reshape(1, 1, seq_len, seq_len)
-        distance = self.cache_positions.reshape(1, -1) - position.astype(mstype.float32).reshape(-1, 1)
+        distance = key_positions.astype(mstype.float32).reshape(1, -1) - position.astype(mstype.float32).reshape(-1, 1)
         return None, self.alibi_slopes * distance.reshape(distance.shape[0], 1, 1, -1)       # (B, H, 1, T)
 
 

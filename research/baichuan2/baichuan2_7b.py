@@ -25,7 +25,7 @@ class Baichuan7BV2Model(Baichuan2Model):
                                   rotary_dtype=config.rotary_dtype, theta=config.theta,
                                   scaling_factor=config.scaling_factor, extend_method=config.extend_method)
 
-    def _position_inputs(self, seq_len, position):
+    def _position_inputs(self, seq_len, position, key_positions):
         """Rotary table for positions 0..S-1 (1, 1, S, D), or each row's decode position (B, 1, 1, D)."""
         if position is None:
             return self.freqs_mgr(seq_len), None

@@ -18,6 +18,7 @@ max_new_tokens`` if ``max_new_tokens`` is set, else ``max_length``; both are cap
 ``seq_length``. Each row therefore decodes exactly as it would alone.
 """
 import copy
+import functools
 import logging
 import time
 
@@ -99,6 +100,23 @@ def _bucket(length, limit, minimum=16):
     while size < length:
         size *= 2
     return min(size, limit)
+
+
+def decode_window(length, seq_length):
+    """Cache slots a decode step reads when the longest row holds ``length`` tokens.
+
+    The smallest multiple of ``max(128, seq_length // 8)`` that is >= ``length``, capped at
+    ``seq_length``: a short context attends over a short cache, and a process compiles at most
+    eight decode graphs (one per window) however long it generates.
+    """
+    step = max(128, seq_length // 8)
+    return min(-(-length // step) * step, seq_length)
+
+
+@functools.lru_cache(maxsize=None)
+def _positions(count):
+    """``arange(count)`` as an int32 Tensor, made once per count."""
+    return Tensor(np.arange(count, dtype=np.int32))
 
 
 class Baichuan2GenerationMixin:
@@ -189,9 +207,13 @@ class Baichuan2GenerationMixin:
 
     def _forward_last_logits(self, tokens, valid_length, first_iteration):
         """Run the network; return fp32 logits (B, V) of each row's token at ``valid_length - 1``."""
-        self.set_decode_phase(first_iteration)
+        if self.is_first_iteration != first_iteration:      # walking every cell costs; only on change
+            self.set_decode_phase(first_iteration)
+        key_positions = None
+        if not first_iteration:
+            key_positions = _positions(decode_window(int(valid_length.max()), self.config.seq_length))
         logits = self(Tensor(tokens, mstype.int32), None, None, None, None, None, None,
-                      Tensor(valid_length, mstype.int32))
+                      Tensor(valid_length, mstype.int32), key_positions)
         return logits.asnumpy()
 
     def _generate_chunk(self, prompts, limits, config, rng, use_past, streamer, batch_size):

@@ -69,18 +69,23 @@ class KVCache(nn.Cell):
         value = ops.depend(value, ops.assign(self.value_past, value))
         return key, value
 
-    def update(self, key, value, position):
+    def update(self, key, value, position, window):
         """Write one step: key/value (B, H, 1, D) at ``position`` (B,) of each row.
 
         ``IndexAdd`` along the position axis with a block-diagonal update (row b adds its key at
         position[b] and zeros elsewhere): in place, and exact because the slot is still zero (``prefill``
         zeroes every slot past the prompt and live rows write each position once). Rows that finished
         and keep re-writing a frozen position only change their own (ignored) outputs.
-        Returns the whole cache (B, H, T, D) read after the write.
+        Returns the first ``window`` slots of the cache (B, H, window, D), read after the write; every
+        live position must lie below ``window`` (the caller picks it, see ``decode_window``).
         """
         key_cache = ops.depend(self.key_past, self.index_add_key(self.key_past, position, key * self.row_eye))
         value_cache = ops.depend(self.value_past,
                                  self.index_add_value(self.value_past, position, value * self.row_eye))
+        if window < self.seq_length:
+            # A short context reads (and attends over) only the slots it can use.
+            key_cache = key_cache[:, :, :window]
+            value_cache = value_cache[:, :, :window]
         return key_cache, value_cache
 
 
@@ -89,7 +94,8 @@ class Baichuan2Attention(nn.Cell):
 
     Inputs of ``construct``:
         x: (B, S, h) in compute dtype.
-        keep: bool, broadcastable to (B, H, S, T); False hides a key.
+        keep: bool, broadcastable to (B, H, S, T); False hides a key. In a decode step T is the number
+            of cache slots attended to (``decode_window``), at most ``seq_length``.
         rotary: ``(cos, sin, swap_mask)`` from MindFormers' ``FreqsMgr`` (7B) or None.
         bias: additive score bias broadcastable to (B, H, S, T) in fp32 (13B ALiBi) or None.
         position: (B,) int32 write position of a decode step, or None for a full forward.
@@ -143,7 +149,7 @@ class Baichuan2Attention(nn.Cell):
             query, key = self.apply_rotary_emb(query, key, rotary)
         if self.use_past:
             if position is not None:
-                key, value = self.kvcache_mgr.update(key, value, position)
+                key, value = self.kvcache_mgr.update(key, value, position, keep.shape[-1])
             elif write_cache is not None:
                 self.kvcache_mgr.prefill(key, value, write_cache)
 
@@ -259,7 +265,9 @@ class Baichuan2Model(LlamaPreTrainedModel):
     ``construct(tokens (B, S) int32, batch_valid_length (B,) int32 or None) -> hidden (B, S, h)``.
     ``batch_valid_length`` counts the valid tokens of each row including the current one; in a
     decode step (``use_past`` and not the first iteration) the new token sits at index
-    ``batch_valid_length - 1``.
+    ``batch_valid_length - 1``. ``key_positions`` (W,) int32 = ``arange(W)`` limits a decode step to
+    the first W cache slots (every ``batch_valid_length`` must be <= W); None reads all
+    ``seq_length`` slots. Each W compiles its own graph in graph mode.
     """
 
     def __init__(self, config):
@@ -293,21 +301,24 @@ class Baichuan2Model(LlamaPreTrainedModel):
         # Key positions 0..seq_length-1, used to build decode-step masks.
         self.key_positions = Tensor(np.arange(config.seq_length, dtype=np.int32))
 
-    def _position_inputs(self, seq_len, position):
-        """Return ``(rotary, bias)`` for a full forward (``position`` None) or a decode step."""
+    def _position_inputs(self, seq_len, position, key_positions):
+        """Return ``(rotary, bias)`` for a full forward (``position`` None) or a decode step whose
+        keys sit at ``key_positions`` (T,) int32."""
         raise NotImplementedError
 
-    def construct(self, tokens, batch_valid_length=None):
+    def construct(self, tokens, batch_valid_length=None, key_positions=None):
         hidden = self.tok_embeddings(tokens).astype(self.config.compute_dtype)
         seq_len = tokens.shape[1]
         if self.use_past and not self.is_first_iteration:
+            if key_positions is None:
+                key_positions = self.key_positions
             position = (batch_valid_length - 1).astype(mstype.int32)                    # (B,)
-            keep = self.key_positions.reshape(1, -1) <= position.reshape(-1, 1)          # (B, T)
+            keep = key_positions.reshape(1, -1) <= position.reshape(-1, 1)               # (B, T)
             keep = keep.reshape(keep.shape[0], 1, 1, -1)                                 # (B, 1, 1, T)
         else:
             position = None
             keep = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
-        rotary, bias = self._position_inputs(seq_len, position)
+        rotary, bias = self._position_inputs(seq_len, position, key_positions)
         write_cache = None      # prefill: (B, 1, S, 1) mask of each row's valid positions
         if self.use_past and position is None and batch_valid_length is not None:
             valid = self.key_positions[:seq_len].reshape(1, -1) < batch_valid_length.reshape(-1, 1)
@@ -325,7 +336,8 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         ``input_ids[:, :S]``; positions whose input is pad or whose label is ``ignore_token_id`` do
         not count. Returns the mean loss (fp32 scalar).
       * inference with ``batch_valid_length`` (B,): fp32 logits (B, V) of each row's last valid
-        token (prefill) or of the decoded token (decode step).
+        token (prefill) or of the decoded token (decode step, reading the cache slots
+        ``key_positions`` (W,) if given; see ``Baichuan2Model``).
       * evaluation without it: ``(logits (B, S, V) fp32, tokens (B, S), input_mask (B, S))`` as in
         MindFormers, for the perplexity metric; ``input_mask`` is 0 on pad inputs and, when ``labels``
         are given, where the label is ``ignore_token_id``.
@@ -357,13 +369,13 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         return {"input_ids": Tensor(input_ids, mstype.int32)}
 
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
-                  input_embeds=None, init_reset=None, batch_valid_length=None):
+                  input_embeds=None, init_reset=None, batch_valid_length=None, key_positions=None):
         batch, seq = input_ids.shape
         if self.training:
             tokens = input_ids[:, :seq - 1]
         else:
             tokens = input_ids
-        hidden = self.model(tokens, batch_valid_length)
+        hidden = self.model(tokens, batch_valid_length, key_positions)
         if not self.training and batch_valid_length is not None:
             if self.use_past and not self.is_first_iteration:
                 last = hidden[:, -1]                                                     # (B, h)
