@@ -15,6 +15,7 @@ from model_fixtures import tiny_pair, build_network, execution_mode
 
 from baichuan2_13b import build_alibi_slopes
 from baichuan2_generation import decode_window
+from baichuan2_weights import QKV, ms_to_hf_name
 
 LOGIT_ATOL = 1e-4
 MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
@@ -102,6 +103,64 @@ def test_loss_matches_reference_cross_entropy(tiny, mode):
         loss = float(net(ms.Tensor(ids), ms.Tensor(labels.astype(np.int32))).asnumpy().reshape(-1)[0])
     expected = float(reference.loss(ids, labels))
     assert math.isclose(loss, expected, rel_tol=2e-5, abs_tol=1e-5), (loss, expected)
+
+
+class _LossGrads(ms.nn.Cell):
+    """Gradients of the network's training loss with respect to every trainable weight."""
+
+    def __init__(self, net):
+        super().__init__(auto_prefix=False)          # keep the weights' own names
+        self.net = net
+        self.weights = ms.ParameterTuple(net.trainable_params())
+        self.grad = ms.ops.GradOperation(get_by_list=True)
+
+    def construct(self, ids, labels):
+        return self.grad(self.net, self.weights)(ids, labels)
+
+
+def _relative_error(actual, expected):
+    """Largest absolute difference, relative to the largest expected magnitude."""
+    return np.abs(actual - expected).max() / np.abs(expected).max()
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_training_gradients_match_reference_autograd(tiny, mode):
+    """Every weight's gradient of the training loss (NormHead's hand-written backward included) equals
+    PyTorch autograd through the reference, which normalises the head with ``F.normalize``."""
+    kind, state_dict, hf_config, ckpt, _ = tiny
+    rng = np.random.RandomState(6)
+    ids = _random_ids((2, 13), hf_config["vocab_size"], seed=6)
+    ids[1, 10:] = 0                                                  # right padding
+    labels = ids.copy()
+    labels[rng.rand(*labels.shape) < 0.3] = -100
+    state = {k: v.clone() for k, v in state_dict.items()}
+    state["lm_head.weight"][5] = 1e-14                               # norm ~1e-13: clamped at 1e-12
+    reference = TorchBaichuan2(state, hf_config, "rope" if kind == "7b" else "alibi")
+    for tensor in reference.w.values():
+        tensor.requires_grad_(True)
+    reference.loss(ids, labels).backward()
+    with execution_mode(MODES[mode]):
+        net = build_network(kind, hf_config, ckpt, seq_length=12, batch_size=2)
+        head = net.lm_head.weight.asnumpy()
+        head[5] = 1e-14
+        net.lm_head.weight.set_data(ms.Tensor(head))
+        net.set_train(True)
+        grads = _LossGrads(net)(ms.Tensor(ids), ms.Tensor(labels.astype(np.int32)))
+    h = hf_config["hidden_size"]
+    worst = {}
+    for param, grad in zip(net.trainable_params(), grads):
+        name = ms_to_hf_name(param.name)
+        expected = reference.w[name].grad.numpy()
+        if name.endswith("W_pack.weight"):
+            part = QKV.index(param.name.split(".", 3)[3])
+            expected = expected[part * h:(part + 1) * h]
+        grad = grad.asnumpy()
+        if name == "lm_head.weight":     # the clamped row's gradient is ~1e12 larger: compare it on its own
+            worst["lm_head.weight, clamped row"] = _relative_error(grad[5], expected[5])
+            grad, expected = np.delete(grad, 5, axis=0), np.delete(expected, 5, axis=0)
+        worst[param.name] = _relative_error(grad, expected)
+    assert len(worst) == len(reference.w) + 2 * hf_config["num_hidden_layers"] + 1   # W_pack -> wq, wk, wv
+    assert max(worst.values()) <= 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
 def _prompts(vocab):
