@@ -125,7 +125,7 @@ def _relative_error(actual, expected):
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_training_gradients_match_reference_autograd(tiny, mode):
-    """Every weight's gradient of the training loss (NormHead's hand-written backward included) equals
+    """Every weight's gradient of the training loss (through NormHead's row norms, clamp included) equals
     PyTorch autograd through the reference, which normalises the head with ``F.normalize``."""
     kind, state_dict, hf_config, ckpt, _ = tiny
     rng = np.random.RandomState(6)

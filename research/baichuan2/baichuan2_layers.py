@@ -213,53 +213,15 @@ class Baichuan2DecodeLayer(nn.Cell):
         return h + out.astype(self.residual_dtype)
 
 
-class RowNormalizedMatMul(nn.Cell):
-    """``x @ normalize_rows(W).T`` with a hand-written backward; stateless.
-
-    ``construct(x (N, h) compute dtype, weight (V, h)) -> (logits (N, V) fp32, inv_norm (V,) fp32)``
-    with ``inv_norm[v] = 1 / max(||W[v]||, 1e-12)`` (``F.normalize``'s rule) and
-    ``logits = (x @ W.T) * inv_norm``.
-
-    Why a custom ``bprop``: differentiating the row norms op by op makes several extra passes over the
-    (V, h) weight and over the (N, V) logits (the square's two-sided gradient, broadcasts, the sum of
-    two weight gradients). With ``g = dlogits * inv_norm`` and ``M = g.T @ x`` (the matmul's own weight
-    gradient) the whole gradient is ``dW = M - W * inv_norm**2 * rowsum(W * M)`` (no norm term for
-    rows clamped at 1e-12) and ``dx = g @ W``: one pass over the weight besides the two matmuls.
-    """
-
-    def __init__(self, compute_dtype):
-        super().__init__()
-        self.compute_dtype = compute_dtype
-        self.matmul = ops.MatMul(transpose_b=True)      # x @ W.T without copying W
-        self.matmul_dx = ops.MatMul()                    # g @ W
-        self.matmul_dw = ops.MatMul(transpose_a=True)    # g.T @ x
-
-    def construct(self, x, weight):
-        weight32 = weight.astype(mstype.float32)
-        inv_norm = 1.0 / ops.maximum(ops.sqrt(ops.reduce_sum(ops.square(weight32), -1)), 1e-12)
-        logits = self.matmul(x.astype(self.compute_dtype), weight.astype(self.compute_dtype))
-        return logits.astype(mstype.float32) * inv_norm, inv_norm
-
-    def bprop(self, x, weight, out, dout):
-        inv_norm = out[1]
-        scaled = (dout[0] * inv_norm).astype(self.compute_dtype)                       # g (N, V)
-        dx = self.matmul_dx(scaled, weight.astype(self.compute_dtype)).astype(x.dtype)
-        grad_weight = self.matmul_dw(scaled, x.astype(self.compute_dtype)).astype(mstype.float32)   # M (V, h)
-        weight32 = weight.astype(mstype.float32)
-        not_clamped = (inv_norm < 1e12).astype(mstype.float32)
-        coef = inv_norm * inv_norm * not_clamped * ops.reduce_sum(weight32 * grad_weight, -1)
-        grad_weight = grad_weight - weight32 * coef.reshape(-1, 1)
-        return dx, grad_weight.astype(weight.dtype)
-
-
 class NormHead(nn.Cell):
     """Baichuan2's lm_head: ``logits = x @ normalize_rows(W).T`` with W (V, h) stored raw.
 
-    Computed by ``RowNormalizedMatMul`` as ``(x @ W.T) * inv_norm``, the same function with the
-    gradients of the normalised head. Training and full forwards recompute ``inv_norm`` every call.
-    Inference with a KV cache computes it at each prompt (prefill) from the raw weight into the
-    ``inv_norm`` buffer and reuses it for every decode step: the stored weight is never rewritten, so
-    repeated ``generate()`` calls cannot drift and a weight loaded later is picked up at the next prompt.
+    Computed as ``(x @ W.T) * inv_norm`` with ``inv_norm[v] = 1 / max(||W[v]||, 1e-12)``
+    (``F.normalize``'s rule), which is the same function, so training gradients are those of the
+    normalised head. Training recomputes ``inv_norm`` every step. Inference with a KV cache computes
+    it once per prompt (prefill) from the raw weight into the ``inv_norm`` buffer and reuses it for
+    every decode step: the stored weight is never rewritten, so repeated ``generate()`` calls cannot
+    drift and a weight loaded later is picked up at the next prompt.
 
     Input (B, S, h) or (N, h); output fp32 logits (..., V).
     """
@@ -271,22 +233,29 @@ class NormHead(nn.Cell):
         self.compute_dtype = compute_dtype
         self.use_past = use_past
         self.is_first_iteration = True
-        self.normalized_matmul = RowNormalizedMatMul(compute_dtype)
+        # transpose_b instead of weight.T: no per-call copy of the (V, h) matrix.
         self.matmul = ops.MatMul(transpose_b=True)
         if use_past:
             self.inv_norm = Parameter(Tensor(np.ones(vocab_size), mstype.float32), name="inv_norm",
                                       requires_grad=False)
 
+    def _row_inv_norm(self):
+        weight = self.weight.astype(mstype.float32)
+        norm = ops.sqrt(ops.reduce_sum(weight * weight, -1))
+        return 1.0 / ops.maximum(norm, 1e-12)
+
     def construct(self, x):
-        shape = x.shape
-        x = x.reshape(-1, shape[-1]).astype(self.compute_dtype)
-        if self.use_past and not self.training and not self.is_first_iteration:
-            weight = self.weight if self.weight.dtype == self.compute_dtype else self.weight.astype(self.compute_dtype)
-            logits = self.matmul(x, weight).astype(mstype.float32) * self.inv_norm
+        if self.training or not self.use_past:
+            inv_norm = self._row_inv_norm()
+        elif self.is_first_iteration:
+            inv_norm = self._row_inv_norm()
+            inv_norm = ops.depend(inv_norm, ops.assign(self.inv_norm, inv_norm))
         else:
-            logits, inv_norm = self.normalized_matmul(x, self.weight)
-            if self.use_past and not self.training:          # prefill: keep the norms for the decode steps
-                logits = ops.depend(logits, ops.assign(self.inv_norm, inv_norm))
+            inv_norm = self.inv_norm
+        weight = self.weight if self.weight.dtype == self.compute_dtype else self.weight.astype(self.compute_dtype)
+        shape = x.shape
+        logits = self.matmul(x.reshape(-1, shape[-1]).astype(self.compute_dtype), weight)
+        logits = logits.astype(mstype.float32) * inv_norm
         return logits.reshape(shape[:-1] + (logits.shape[-1],))
 
 
