@@ -19,6 +19,8 @@ import re
 
 import numpy as np
 
+from baichuan2_ckpt_index import CheckpointIndexError, checkpoint_shapes
+
 logger = logging.getLogger("baichuan2")
 
 # Checkpoint entries that are not network weights: optimizer state, step counters, loss scale.
@@ -247,17 +249,18 @@ def expected_lora_shapes(weight_shapes, pet_config):
 
 
 def read_checkpoint_shapes(files):
-    """``{name: shape}`` over the checkpoint ``files`` (names of later files win); LoRA names normalised."""
-    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    """``{name: shape}`` over the checkpoint ``files`` (names of later files win); LoRA names normalised.
+
+    Reads only names and shapes (``baichuan2_ckpt_index``), not the tensors.
+    """
     found = {}
     for file in files:
-        fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"
         try:
-            params = ms.load_checkpoint(file, format=fmt)
-        except Exception as error:  # pylint: disable=broad-except
-            raise RunSetupError(f"cannot read checkpoint {file}: {str(error).splitlines()[0]}") from None
-        found.update({name.replace("tk_delta", "mindpet_delta"): tuple(value.shape) for name, value in params.items()})
-        del params
+            shapes = checkpoint_shapes(file)
+        except (OSError, CheckpointIndexError) as error:
+            raise RunSetupError(f"cannot read checkpoint {file}: {error}; pass a checkpoint written by "
+                                "convert_weight.py or by training") from None
+        found.update({name.replace("tk_delta", "mindpet_delta"): shape for name, shape in shapes.items()})
     return found
 
 
