@@ -294,7 +294,8 @@ def ckpt_13b_shape(work):
 
 
 @pytest.mark.parametrize("case", ["record_length", "missing_dataset", "checkpoint_13b_in_7b", "missing_checkpoint",
-                                  "resume_without_checkpoint", "lora_without_base"])
+                                  "resume_without_checkpoint", "lora_without_base", "missing_src_strategy",
+                                  "not_a_checkpoint"])
 def test_bad_input_fails_fast(case, work, data, ckpt_13b_shape):
     cfg = write_config(work / f"bad_{case}.yaml", "7b", seq_length=SEQ, epochs=1,
                        pet_config=LORA if case == "lora_without_base" else None)
@@ -304,7 +305,9 @@ def test_bad_input_fails_fast(case, work, data, ckpt_13b_shape):
               "checkpoint_13b_in_7b": ["does not fit", "shape mismatch", "(4000, 80) vs (4000, 64)"],
               "missing_checkpoint": ["load_checkpoint not found", "nope.ckpt"],
               "resume_without_checkpoint": ["--resume", "no checkpoint to resume from"],
-              "lora_without_base": ["LoRA weights only", "one folder"]}[case]
+              "lora_without_base": ["LoRA weights only", "one folder"],
+              "missing_src_strategy": ["--src_strategy", "no_strategy.ckpt", "does not exist"],
+              "not_a_checkpoint": ["cannot read checkpoint", "notes.ckpt", "convert_weight.py"]}[case]
     if case == "record_length":
         args += ["--seq_length", "64"]
     elif case == "missing_dataset":
@@ -318,6 +321,11 @@ def test_bad_input_fails_fast(case, work, data, ckpt_13b_shape):
     elif case == "lora_without_base":
         base = {k: np.zeros(v, np.float32) for k, v in expected_ms_shapes(tiny_hf_config("7b")).items()}
         args += ["--load_checkpoint", _save(_lora_init(base, LORA["lora_rank"]), work / "lora_only.ckpt")]
+    elif case == "missing_src_strategy":
+        args += ["--src_strategy", work / "no_strategy.ckpt"]
+    elif case == "not_a_checkpoint":
+        (work / "notes.ckpt").write_text("not a checkpoint\n")
+        args += ["--load_checkpoint", work / "notes.ckpt"]
     res = run_baichuan2(args, cwd=work)
     assert res.returncode == 2, res.tail()
     errors = res.error_lines()

@@ -55,25 +55,9 @@ def prepare_config(args, run_mode="predict"):
     Raises ``ValueError``/``FileNotFoundError`` with one line naming the field and the fix.
     """
     from baichuan2_config import load_config, resolve_path  # pylint: disable=import-outside-toplevel
-    config = load_config(args.config)
-    if args.use_parallel is not None:
-        config.use_parallel = args.use_parallel
-    if args.device_id is not None:
-        config.context.device_id = args.device_id
-    if args.device_target is not None:
-        config.context.device_target = args.device_target
-    if args.mode is not None:
-        config.context.mode = args.mode
-    if args.load_checkpoint is not None:
-        config.load_checkpoint = args.load_checkpoint
-    if args.src_strategy is not None:
-        if not os.path.exists(args.src_strategy):
-            raise FileNotFoundError(f"--src_strategy {args.src_strategy} does not exist (a strategy file or folder)")
-        config.src_strategy_path_or_dir = args.src_strategy
-    if args.auto_trans_ckpt is not None:
-        config.auto_trans_ckpt = args.auto_trans_ckpt
-    if args.vocab_file is not None:
-        config.processor.tokenizer.vocab_file = args.vocab_file
+    from baichuan2_run_setup import (  # pylint: disable=import-outside-toplevel
+        apply_model_overrides, check_device, check_checkpoint)
+    config = apply_model_overrides(load_config(args.config), args)
     config.run_mode = run_mode
     vocab = config.processor.tokenizer.vocab_file if config.processor and config.processor.tokenizer else None
     vocab = resolve_path(vocab, args.config) if vocab else vocab
@@ -82,7 +66,6 @@ def prepare_config(args, run_mode="predict"):
                                 "or set processor.tokenizer.vocab_file in the yaml)")
     config.processor.tokenizer.vocab_file = vocab
 
-    from baichuan2_run_setup import check_device, check_checkpoint  # pylint: disable=import-outside-toplevel
     check_device(config)
     if config.use_parallel and config.context.device_target == "CPU":
         raise ValueError("use_parallel: True needs Ascend (multi-card inference shards the model); "

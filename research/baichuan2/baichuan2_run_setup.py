@@ -87,11 +87,12 @@ def read_yaml_config(path):
     return YamlConfig(raw)
 
 
-def apply_overrides(config, args):
-    """Apply the command-line overrides to the YAML config, as the original script does."""
-    model_config = config.model.model_config
-    if args.seq_length is not None:
-        model_config.seq_length = args.seq_length
+def apply_model_overrides(config, args):
+    """The overrides every script shares (``run_baichuan2.py`` and the chat/generate/pipeline scripts):
+    device, mode, checkpoint (+ its strategy and transform) and tokenizer file.
+
+    A ``--src_strategy`` that does not exist is an error (the original ignored it silently).
+    """
     if args.use_parallel is not None:
         config.use_parallel = args.use_parallel
     if args.device_id is not None:
@@ -101,17 +102,29 @@ def apply_overrides(config, args):
     if args.mode is not None:
         config.context.mode = args.mode
         if args.mode != 0 and config.recompute_config:
-            config.recompute_config.recompute = False
+            config.recompute_config.recompute = False      # recomputation exists in graph mode only
     if args.load_checkpoint is not None:
         config.load_checkpoint = args.load_checkpoint
-    if args.src_strategy is not None and os.path.exists(args.src_strategy):
+    if args.src_strategy is not None:
+        if not os.path.exists(args.src_strategy):
+            raise RunSetupError(f"--src_strategy {args.src_strategy} does not exist (pass the strategy file, or the "
+                                "folder of strategy files, saved with the distributed checkpoint)")
         config.src_strategy_path_or_dir = args.src_strategy
     if args.auto_trans_ckpt is not None:
         config.auto_trans_ckpt = args.auto_trans_ckpt
-    if args.resume is not None:
-        config.resume_training = args.resume
     if args.vocab_file is not None:
         config.processor.tokenizer.vocab_file = args.vocab_file
+    return config
+
+
+def apply_overrides(config, args):
+    """Apply ``run_baichuan2.py``'s command-line overrides to the YAML config, as the original script does."""
+    apply_model_overrides(config, args)
+    model_config = config.model.model_config
+    if args.seq_length is not None:
+        model_config.seq_length = args.seq_length
+    if args.resume is not None:
+        config.resume_training = args.resume
     if args.output_dir is not None:
         config.output_dir = args.output_dir
     for flag, key in (("dp", "data_parallel"), ("mp", "model_parallel"), ("pp", "pipeline_stage"),
