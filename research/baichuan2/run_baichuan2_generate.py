@@ -66,22 +66,32 @@ def generation_kwargs(args, config):
     return kwargs
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_arguments(parser, default_config="baichuan2/run_baichuan2_7b.yaml")
+def build_parser(default_config="baichuan2/run_baichuan2_7b.yaml", description=__doc__):
+    """The generate/pipeline scripts' command line: model flags plus generation flags."""
+    parser = argparse.ArgumentParser(description=description.split("\n")[0])
+    add_model_arguments(parser, default_config=default_config)
     return add_generation_arguments(parser)
+
+
+def prepare_inputs(args):
+    """``(prompts, config, tokenizer)``, or None after printing one error line for bad input."""
+    from baichuan2_inference import prepare_config, build_tokenizer  # pylint: disable=import-outside-toplevel
+    try:
+        inputs = read_inputs(args.inputs)
+        config = prepare_config(args)
+        return inputs, config, build_tokenizer(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from baichuan2_inference import prepare_config, build_tokenizer, build_inference_network
-    try:
-        inputs = read_inputs(args.inputs)
-        config = prepare_config(args)
-        tokenizer = build_tokenizer(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    from baichuan2_inference import build_inference_network
+    prepared = prepare_inputs(args)
+    if prepared is None:
         return 2
+    inputs, config, tokenizer = prepared
     batch_size = len(inputs)
     network = build_inference_network(config, batch_size=batch_size, use_past=args.use_past)
 

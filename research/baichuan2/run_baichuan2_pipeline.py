@@ -11,34 +11,28 @@ the docs (``do_sample=False, top_k=1, top_p=1.0, temperature=1.0, max_length=64`
         --load_checkpoint path/to/Baichuan2-13B-Chat.ckpt --vocab_file path/to/tokenizer.model \\
         --use_parallel False --device_target CPU
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from baichuan2_inference import add_model_arguments  # noqa: E402
-from run_baichuan2_generate import add_generation_arguments, generation_kwargs, read_inputs  # noqa: E402
+import run_baichuan2_generate  # noqa: E402
+from run_baichuan2_generate import generation_kwargs, prepare_inputs  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_model_arguments(parser, default_config="baichuan2/run_baichuan2_13b.yaml")
-    return add_generation_arguments(parser)
+    return run_baichuan2_generate.build_parser("baichuan2/run_baichuan2_13b.yaml", __doc__)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from mindspore import Model
     from mindformers.pipeline import pipeline
-    from baichuan2_inference import prepare_config, build_tokenizer, build_inference_network
-    try:
-        inputs = read_inputs(args.inputs)
-        config = prepare_config(args)
-        tokenizer = build_tokenizer(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    from baichuan2_inference import build_inference_network
+    prepared = prepare_inputs(args)
+    if prepared is None:
         return 2
+    inputs, config, tokenizer = prepared
     network = build_inference_network(config, batch_size=1, use_past=args.use_past)
     baichuan2_model = Model(network)
 
