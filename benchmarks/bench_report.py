@@ -373,14 +373,18 @@ def method_section(data, res):
         "the last valid token (as MindFormers' own no-cache generation). Timing: a streamer stamps every "
         "token; decode tokens/s = (new tokens - 1) / time from the first to the last new token, i.e. "
         "prefill excluded (reported separately). One warm-up call (compiles), then "
-        f"{decode.get('repetitions', '?')} repetitions of {decode.get('new_tokens', '?')} new tokens; the "
-        "median repetition is reported (min-max in brackets).",
+        f"{decode.get('repetitions', '?')} repetitions of {decode.get('new_tokens', '?')} new tokens in a "
+        "process; its median repetition is that process's figure.",
         "- **Training**: forward + backward + optimizer, batch "
         f"{train.get('batch', '?')} x {train.get('seq', '?')} tokens (sequence of seq + 1 ids, next-token loss). "
         "MindSpore (ours and MindFormers' Llama): GRAPH mode, `nn.TrainOneStepCell` + "
         "`nn.AdamWeightDecay`; transformers: eager, `torch.optim.AdamW`. "
         f"{train.get('warmup', '?')} warm-up steps (the first one compiles), then the median of "
         f"{train.get('steps', '?')} steps; tokens/s = batch x seq / step time.",
+        f"- **Rounds**: every decode and training measurement ran in {data.get('rounds', 1)} separate "
+        "processes, interleaved (all tasks once, then all again, ...), so that ours and its baselines share the "
+        "host's slow and fast phases; the tables give the median process and, in brackets, the lowest and "
+        "highest process. Ratios are between medians.",
         "- **Peak memory**: `ru_maxrss` of the measurement's own process (model build, warm-up and all "
         "repetitions included).",
         "- **Bandwidth and roofline**: fp32 matrix-vector product with the lm_head's shape "
@@ -409,7 +413,7 @@ def decode_section(res):
                 continue
             cache = "no (Ascend-only in MF 1.8)" if impl == "mf" else "yes"
             rows.append((LABELS[impl], prompt, cache,
-                         f"{r['decode_tok_s']:.2f} [{r['decode_tok_s_min']:.2f}-{r['decode_tok_s_max']:.2f}]",
+                         f"{r['decode_tok_s']:.2f} {_spread(r, 'decode_tok_s', 2)}",
                          f"{r['ms_per_token']:.1f}", f"{r['prefill_s']:.2f} ({r['prefill_tok_s']:.0f} tok/s)",
                          _fmt(r["decode_tok_s"] / hf["decode_tok_s"], 2, "x") if hf else "n/a",
                          _fmt(100 * r["decode_tok_s"] / roof, 0, "%") if roof else "n/a",
@@ -468,6 +472,16 @@ def torch_thread_note(runs):
     return ""
 
 
+def _spread(result, key, digits):
+    """``[lowest-highest]`` over the rounds (processes) of a measurement; within one process for
+    results from before rounds."""
+    values = result.get(key + "_rounds") or [result.get(key + "_min"), result.get(key + "_max")]
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    return f"[{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
 def train_section(res):
     rows = []
     mf = res.get("train-mf")
@@ -476,7 +490,8 @@ def train_section(res):
         if r is None:
             rows.append((LABELS[impl], f"failed: {res.error(f'train-{impl}')}", "", "", "", "", ""))
             continue
-        rows.append((LABELS[impl] + ("" if impl != "hf" else " (eager, AdamW)"), f"{r['tokens_s']:.1f}",
+        rows.append((LABELS[impl] + ("" if impl != "hf" else " (eager, AdamW)"),
+                     f"{r['tokens_s']:.1f} {_spread(r, 'tokens_s', 1)}",
                      f"{r['step_s']:.2f}", f"{r['first_step_s']:.1f}",
                      f"{r['losses'][0]:.2f} -> {r['losses'][-1]:.2f}",
                      _fmt(r["tokens_s"] / mf["tokens_s"], 2, "x") if mf else "n/a", f"{r['peak_rss_mb']:.0f}"))

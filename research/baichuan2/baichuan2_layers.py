@@ -8,11 +8,12 @@ optional rotary table and an optional score bias, and each model builds the one 
 (``Baichuan2Model._position_inputs``).
 
 Incremental inference keeps a KV cache of shape (batch, heads, seq_length, head_dim) per layer in
-parameters updated in place with portable ops (``ScatterNdUpdate``), so it runs on CPU and in graph
-mode. A decode step writes one column per row at that row's own position, so right-padded batches of
-different prompt lengths decode exactly as each prompt alone.
+parameters updated in place with portable ops (``IndexAdd``), so it runs on CPU and in graph mode. A
+decode step writes one column per row at that row's own position, so right-padded batches of
+different prompt lengths decode exactly as each prompt alone, and attends over the first W slots
+only, a window that holds every row's context (``baichuan2_generation.decode_window``).
 
-Shapes: B batch, S query length, T key length (S during a full forward, ``seq_length`` when decoding
+Shapes: B batch, S query length, T key length (S during a full forward, the window W when decoding
 from the cache), H heads, D head dim, h hidden size, V vocabulary.
 """
 import math
