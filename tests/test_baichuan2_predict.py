@@ -162,8 +162,6 @@ def test_predict_cli_with_base_and_lora(model, tokenizer):
     import mindspore as ms
     import torch
     kind, ckpt, reference, tmp = model
-    if kind != "7b":
-        pytest.skip("one architecture is enough for the LoRA wiring")
     rank, alpha = 2, 16
     h = reference.h
     rng = np.random.RandomState(4)
@@ -185,7 +183,8 @@ def test_predict_cli_with_base_and_lora(model, tokenizer):
                         max_new_tokens=16, pet_config={"pet_type": "lora", "lora_rank": rank, "lora_alpha": alpha,
                                                        "lora_dropout": 0.1, "target_modules": ".*wq|.*wk|.*wv"})
     merged = TorchBaichuan2(state, {"hidden_size": h, "num_attention_heads": reference.heads,
-                                    "num_hidden_layers": reference.layers, "rms_norm_eps": reference.eps}, "rope")
+                                    "num_hidden_layers": reference.layers, "rms_norm_eps": reference.eps},
+                            reference.position)
     expected = expected_texts(merged, tokenizer, PROMPTS[:1], 1.0, new_tokens=16)
     assert expected != expected_texts(reference, tokenizer, PROMPTS[:1], 1.0, new_tokens=16)
     assert predict(config, str(folder), tmp, PROMPTS[:1]) == expected

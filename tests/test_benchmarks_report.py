@@ -111,11 +111,27 @@ def test_task_list_covers_every_measurement():
     assert not any("--quick" in args for _, args in full)
 
 
-def test_roofline_uses_best_bandwidth_of_start_and_end():
+def test_roofline_uses_the_median_of_all_bandwidth_measurements():
     data = synthetic_data()
-    data["results"]["bandwidth-end"] = dict(data["results"]["bandwidth"], best_gbs=25.0)
+    data["results"]["bandwidth"] = dict(data["results"]["bandwidth"], best_gbs=19.0, best_gbs_rounds=[19.0, 30.0, 18.0])
+    data["results"]["bandwidth-end"] = dict(data["results"]["bandwidth"], best_gbs=25.0, best_gbs_rounds=None)
     res = bench_report.Results(data)
-    assert res.bandwidth_gbs() == 25.0
-    assert res.roofline() == pytest.approx(25e9 / bc.decode_bytes_per_token()["weights"])
+    assert sorted(res.bandwidth_values()) == [18.0, 19.0, 25.0, 30.0]
+    assert res.bandwidth_gbs() == 19.0                                   # lower middle of four
+    assert res.roofline() == pytest.approx(19e9 / bc.decode_bytes_per_token()["weights"])
+    assert "18.0 to 30.0 GB/s" in bench_report.bandwidth_line(res)
     data["results"]["bandwidth-end"] = {"error": "exit 1"}
     assert bench_report.Results(data).bandwidth_gbs() == 19.0
+
+
+def test_rounds_are_combined_into_the_median_process_with_its_spread():
+    rounds = [{"tokens_s": 90.0, "step_s": 5.7}, {"error": "exit 1: killed"}, {"tokens_s": 70.0, "step_s": 7.3},
+              {"tokens_s": 100.0, "step_s": 5.1}]
+    combined = run_all.combine_rounds(rounds, "train")
+    assert combined["tokens_s"] == 90.0 and combined["step_s"] == 5.7      # the median of the 3 good rounds
+    assert combined["tokens_s_rounds"] == [90.0, 70.0, 100.0] and combined["rounds"] == 3
+    assert combined["failed_rounds"] == ["exit 1: killed"]
+    assert bench_report._spread(combined, "tokens_s", 1) == "[70.0-100.0]"
+    assert run_all.combine_rounds([{"error": "exit 2: x"}], "decode") == {"error": "exit 2: x"}
+    even = run_all.combine_rounds([{"decode_tok_s": 2.0}, {"decode_tok_s": 1.0}], "decode")
+    assert even["decode_tok_s"] == 1.0                                    # lower middle of an even count
