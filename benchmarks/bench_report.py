@@ -46,9 +46,10 @@ class Results:
         values = sorted(self.bandwidth_values())
         return values[(len(values) - 1) // 2] if values else None
 
-    def roofline(self, prompt=None, new=0, kv_slots=None):
-        """Tokens/s the bandwidth allows: weights only, or weights + KV at the mean decode context."""
-        bandwidth = self.bandwidth_gbs()
+    def roofline(self, prompt=None, new=0, kv_slots=None, bandwidth=None):
+        """Tokens/s the bandwidth (GB/s; default the machine's) allows: weights only, or weights + KV at
+        the mean decode context."""
+        bandwidth = bandwidth or self.bandwidth_gbs()
         if not bandwidth:
             return None
         if prompt is None:
@@ -477,7 +478,7 @@ def bandwidth_line(res):
     line = f"Machine bandwidth = median of the {len(values)} best-kernel figures: **{res.bandwidth_gbs():.1f} GB/s**"
     if len(values) > 1:
         best = max(values)
-        roof = best * 1e9 / bc.decode_bytes_per_token()["weights"]
+        roof = res.roofline(bandwidth=best)
         ours = res.decode("ours7b", bc.PROMPTS[0])
         share = f"; ours 7B at prompt {bc.PROMPTS[0]} would be at {ours['decode_tok_s'] / roof:.0%} of it" if ours else ""
         line += (f" (measurements {min(values):.1f} to {best:.1f} GB/s; at the highest the roofline is "

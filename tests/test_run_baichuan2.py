@@ -295,7 +295,7 @@ def ckpt_13b_shape(work):
 
 @pytest.mark.parametrize("case", ["record_length", "missing_dataset", "checkpoint_13b_in_7b", "missing_checkpoint",
                                   "resume_without_checkpoint", "lora_without_base", "missing_src_strategy",
-                                  "not_a_checkpoint"])
+                                  "not_a_checkpoint", "empty_prompt_file"])
 def test_bad_input_fails_fast(case, work, data, ckpt_13b_shape):
     cfg = write_config(work / f"bad_{case}.yaml", "7b", seq_length=SEQ, epochs=1,
                        pet_config=LORA if case == "lora_without_base" else None)
@@ -307,7 +307,8 @@ def test_bad_input_fails_fast(case, work, data, ckpt_13b_shape):
               "resume_without_checkpoint": ["--resume", "no checkpoint to resume from"],
               "lora_without_base": ["LoRA weights only", "one folder"],
               "missing_src_strategy": ["--src_strategy", "no_strategy.ckpt", "does not exist"],
-              "not_a_checkpoint": ["cannot read checkpoint", "notes.ckpt", "convert_weight.py"]}[case]
+              "not_a_checkpoint": ["cannot read checkpoint", "notes.ckpt", "convert_weight.py"],
+              "empty_prompt_file": ["--predict_data file", "prompts.txt", "has no prompt"]}[case]
     if case == "record_length":
         args += ["--seq_length", "64"]
     elif case == "missing_dataset":
@@ -326,6 +327,10 @@ def test_bad_input_fails_fast(case, work, data, ckpt_13b_shape):
     elif case == "not_a_checkpoint":
         (work / "notes.ckpt").write_text("not a checkpoint\n")
         args += ["--load_checkpoint", work / "notes.ckpt"]
+    elif case == "empty_prompt_file":
+        (work / "prompts.txt").write_text("\n  \n")
+        args[args.index("finetune")] = "predict"
+        args += ["--predict_data", work / "prompts.txt"]
     res = run_baichuan2(args, cwd=work)
     assert res.returncode == 2, res.tail()
     errors = res.error_lines()

@@ -33,6 +33,18 @@ def str2bool(value):
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
+def read_prompts(values, flag):
+    """Prompts from a command line: the values themselves, or the non-empty lines of the one existing
+    text file they name. ``flag`` names the option in the error for a file without a prompt."""
+    if len(values) == 1 and os.path.isfile(values[0]):
+        with open(values[0], encoding="utf-8") as handle:
+            prompts = [line.rstrip("\n") for line in handle if line.strip()]
+        if not prompts:
+            raise ValueError(f"{flag} file {values[0]} has no prompt (one prompt per line).")
+        return prompts
+    return list(values)
+
+
 def add_model_arguments(parser, default_config):
     """The model/checkpoint flags of the original chat script, plus ``--device_target`` and ``--mode``."""
     parser.add_argument("--config", default=default_config, type=str, help="YAML config (run_baichuan2_*.yaml).")

@@ -263,7 +263,8 @@ class NormHead(nn.Cell):
 class Baichuan2Model(LlamaPreTrainedModel):
     """Embedding, decoder layers and final norm; subclasses supply the position inputs.
 
-    ``construct(tokens (B, S) int32, batch_valid_length (B,) int32 or None) -> hidden (B, S, h)``.
+    ``construct(tokens (B, S) int32, batch_valid_length (B,) int32 or None, key_positions (W,) int32 or
+    None) -> hidden (B, S, h)``.
     ``batch_valid_length`` counts the valid tokens of each row including the current one; in a
     decode step (``use_past`` and not the first iteration) the new token sits at index
     ``batch_valid_length - 1``. ``key_positions`` (W,) int32 = ``arange(W)`` limits a decode step to

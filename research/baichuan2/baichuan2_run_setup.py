@@ -405,8 +405,11 @@ def check_inputs(config, args):
     if args.run_mode == "eval":
         check_dataset(config.eval_dataset.data_loader.dataset_dir, "eval_dataset", model_config.seq_length,
                       list(config.eval_dataset.input_columns))
-    if args.run_mode == "predict" and not args.predict_data:
-        raise RunSetupError("--predict_data is required for --run_mode predict (prompts or a text file)")
+    if args.run_mode == "predict":
+        if not args.predict_data:
+            raise RunSetupError("--predict_data is required for --run_mode predict (prompts or a text file)")
+        from baichuan2_inference import read_prompts  # pylint: disable=import-outside-toplevel
+        args.predict_data = read_prompts(args.predict_data, "--predict_data")   # a prompt file: read here, once
     if resume_ckpt:
         found = check_checkpoint(resume_ckpt, model_config, lora, args.run_mode)
         if not any(key in found for key in _RESUME_KEYS):
@@ -524,7 +527,6 @@ def run_trainer(config, args):
         trainer = Trainer(args=config, task=args.task, eval_dataset=config.eval_dataset.data_loader.dataset_dir)
         trainer.evaluate(eval_checkpoint=ckpt or False, auto_trans_ckpt=config.auto_trans_ckpt)
     elif args.run_mode == "predict":
-        from run_baichuan2 import read_predict_data  # pylint: disable=import-outside-toplevel
         from baichuan2_inference import predict_network  # pylint: disable=import-outside-toplevel
         # LoRA yamls: hand over the network with LoRA layers injected (None otherwise: the Trainer builds it),
         # so that generation runs Baichuan2's generate() rather than MindFormers' PetModel one (Ascend-only).
@@ -532,7 +534,7 @@ def run_trainer(config, args):
         kwargs = {"max_length": int(args.max_length)}
         if args.max_new_tokens is not None:
             kwargs["max_new_tokens"] = int(args.max_new_tokens)
-        result = trainer.predict(input_data=read_predict_data(args.predict_data), predict_checkpoint=ckpt,
+        result = trainer.predict(input_data=args.predict_data, predict_checkpoint=ckpt,
                                  auto_trans_ckpt=config.auto_trans_ckpt, **kwargs)
         logger.info(result)
         print(result, flush=True)

@@ -58,19 +58,6 @@ def build_parser():
     return parser
 
 
-def read_predict_data(predict_data):
-    """A list of prompts: the arguments themselves, or the lines of a single existing text file."""
-    if not predict_data:
-        return []
-    if len(predict_data) == 1 and os.path.isfile(predict_data[0]):
-        with open(predict_data[0], encoding="utf-8") as handle:
-            prompts = [line.rstrip("\n") for line in handle if line.strip()]
-        if not prompts:
-            raise ValueError(f"--predict_data file {predict_data[0]} has no prompt (one prompt per line).")
-        return prompts
-    return list(predict_data)
-
-
 def main(argv=None):
     """Parse, check, then hand over to ``mindformers.Trainer``. Returns the process exit status."""
     args = build_parser().parse_args(argv)

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from baichuan2_inference import add_model_arguments, str2bool  # noqa: E402
+from baichuan2_inference import add_model_arguments, read_prompts, str2bool  # noqa: E402
 
 DEFAULT_INPUTS = ["<reserved_106>你是谁？<reserved_107>",
                   "<reserved_106>《静夜思》作者是？<reserved_107>",
@@ -43,15 +43,7 @@ def add_generation_arguments(parser):
 
 def read_inputs(inputs):
     """The prompts: the arguments, the lines of a single existing file, or the docs' three prompts."""
-    if not inputs:
-        return list(DEFAULT_INPUTS)
-    if len(inputs) == 1 and os.path.isfile(inputs[0]):
-        with open(inputs[0], encoding="utf-8") as handle:
-            prompts = [line.rstrip("\n") for line in handle if line.strip()]
-        if not prompts:
-            raise ValueError(f"--inputs file {inputs[0]} has no prompt (one prompt per line)")
-        return prompts
-    return list(inputs)
+    return read_prompts(inputs, "--inputs") if inputs else list(DEFAULT_INPUTS)
 
 
 def generation_kwargs(args, config):
