@@ -53,12 +53,17 @@ class KVCache(nn.Cell):
         # IndexAdd updates the parameter in place; the CPU ScatterNdUpdate kernel copies the whole cache.
         self.index_add_key = ops.IndexAdd(axis=2)
         self.index_add_value = ops.IndexAdd(axis=2)
+        self.scatter_rows_key = ops.ScatterUpdate()
+        self.scatter_rows_value = ops.ScatterUpdate()
         self.row_eye = Tensor(np.eye(batch_size).reshape(batch_size, 1, batch_size, 1), dtype)
 
-    def prefill(self, key, value, valid):
-        """Store the keys/values of positions [0, S) of every row, zero where ``valid`` (B, 1, S, 1) is 0.
+    def prefill(self, key, value, valid, rows=None):
+        """Store the keys/values of positions [0, S) of b prompts, zero where ``valid`` (b, 1, S, 1) is 0.
 
-        Every slot at or past a row's valid length is left zero, which ``update`` relies on.
+        ``rows`` (b,) int32 names the cache rows the b prompts go to; the other rows keep their
+        cache untouched (continuous batching admits a request into a free row while the others go on
+        decoding). None means all rows, b == B. Every slot at or past a prompt's valid length is left
+        zero, which ``update`` relies on.
         """
         key = key * valid
         value = value * valid
@@ -66,8 +71,13 @@ class KVCache(nn.Cell):
         if pad > 0:
             key = ops.pad(key, (0, 0, 0, pad))
             value = ops.pad(value, (0, 0, 0, pad))
-        key = ops.depend(key, ops.assign(self.key_past, key))
-        value = ops.depend(value, ops.assign(self.value_past, value))
+        if rows is None:
+            key = ops.depend(key, ops.assign(self.key_past, key))
+            value = ops.depend(value, ops.assign(self.value_past, value))
+        else:
+            # ScatterUpdate writes whole rows in place (its time does not grow with B on CPU).
+            key = ops.depend(key, self.scatter_rows_key(self.key_past, rows, key))
+            value = ops.depend(value, self.scatter_rows_value(self.value_past, rows, value))
         return key, value
 
     def update(self, key, value, position, window):
@@ -103,6 +113,8 @@ class Baichuan2Attention(nn.Cell):
         write_cache: (B, 1, S, 1) mask of each row's valid positions when a full forward starts
             generation (its keys/values go to the cache, zero past each row's length); None for
             other full forwards (training, evaluation), which leave the cache alone.
+        cache_rows: (B,) int32 cache rows that a prefill of B prompts writes (see ``KVCache.prefill``);
+            None writes rows 0..B-1 of a cache of batch B.
     Output: (B, S, h).
     """
 
@@ -141,7 +153,7 @@ class Baichuan2Attention(nn.Cell):
         batch, seq, _ = x.shape
         return x.reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None):
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None, cache_rows=None):
         batch, seq, _ = x.shape
         query = self._split_heads(self.wq(x))
         key = self._split_heads(self.wk(x))
@@ -152,7 +164,7 @@ class Baichuan2Attention(nn.Cell):
             if position is not None:
                 key, value = self.kvcache_mgr.update(key, value, position, keep.shape[-1])
             elif write_cache is not None:
-                self.kvcache_mgr.prefill(key, value, write_cache)
+                self.kvcache_mgr.prefill(key, value, write_cache, cache_rows)
 
         if self.use_flash_attention:
             context = self._flash_attention(query, key, value, keep, bias)
@@ -207,8 +219,8 @@ class Baichuan2DecodeLayer(nn.Cell):
                                              param_init_type=config.param_init_type)
         self.residual_dtype = config.residual_dtype
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None):
-        h = self.attention(self.attention_norm(x), keep, rotary, bias, position, write_cache)
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None, cache_rows=None):
+        h = self.attention(self.attention_norm(x), keep, rotary, bias, position, write_cache, cache_rows)
         h = x.astype(self.residual_dtype) + h.astype(self.residual_dtype)
         out = self.feed_forward(self.ffn_norm(h))
         return h + out.astype(self.residual_dtype)
@@ -269,7 +281,9 @@ class Baichuan2Model(LlamaPreTrainedModel):
     decode step (``use_past`` and not the first iteration) the new token sits at index
     ``batch_valid_length - 1``. ``key_positions`` (W,) int32 = ``arange(W)`` limits a decode step to
     the first W cache slots (every ``batch_valid_length`` must be <= W); None reads all
-    ``seq_length`` slots. Each W compiles its own graph in graph mode.
+    ``seq_length`` slots. Each W compiles its own graph in graph mode. ``cache_rows`` (b,) int32: in a
+    prefill of b prompts, the KV-cache rows they are written to, the other rows left as they are
+    (continuous batching); None writes rows 0..b-1 of a cache of batch b. Each b compiles its own graph.
     """
 
     def __init__(self, config):
@@ -308,7 +322,7 @@ class Baichuan2Model(LlamaPreTrainedModel):
         keys sit at ``key_positions`` (T,) int32."""
         raise NotImplementedError
 
-    def construct(self, tokens, batch_valid_length=None, key_positions=None):
+    def construct(self, tokens, batch_valid_length=None, key_positions=None, cache_rows=None):
         hidden = self.tok_embeddings(tokens).astype(self.config.compute_dtype)
         seq_len = tokens.shape[1]
         if self.use_past and not self.is_first_iteration:
@@ -326,7 +340,7 @@ class Baichuan2Model(LlamaPreTrainedModel):
             valid = self.key_positions[:seq_len].reshape(1, -1) < batch_valid_length.reshape(-1, 1)
             write_cache = valid.astype(self.config.compute_dtype).reshape(-1, 1, seq_len, 1)
         for layer in self.layers:
-            hidden = layer(hidden, keep, rotary, bias, position, write_cache)
+            hidden = layer(hidden, keep, rotary, bias, position, write_cache, cache_rows)
         return self.norm_out(hidden)
 
 
@@ -338,8 +352,8 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         ``input_ids[:, :S]``; positions whose input is pad or whose label is ``ignore_token_id`` do
         not count. Returns the mean loss (fp32 scalar).
       * inference with ``batch_valid_length`` (B,): fp32 logits (B, V) of each row's last valid
-        token (prefill) or of the decoded token (decode step, reading the cache slots
-        ``key_positions`` (W,) if given; see ``Baichuan2Model``).
+        token (prefill, into the cache rows ``cache_rows`` (B,) if given) or of the decoded token
+        (decode step, reading the cache slots ``key_positions`` (W,) if given; see ``Baichuan2Model``).
       * evaluation without it: ``(logits (B, S, V) fp32, tokens (B, S), input_mask (B, S))`` as in
         MindFormers, for the perplexity metric; ``input_mask`` is 0 on pad inputs and, when ``labels``
         are given, where the label is ``ignore_token_id``.
@@ -371,13 +385,13 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         return {"input_ids": Tensor(input_ids, mstype.int32)}
 
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
-                  input_embeds=None, init_reset=None, batch_valid_length=None, key_positions=None):
+                  input_embeds=None, init_reset=None, batch_valid_length=None, key_positions=None, cache_rows=None):
         batch, seq = input_ids.shape
         if self.training:
             tokens = input_ids[:, :seq - 1]
         else:
             tokens = input_ids
-        hidden = self.model(tokens, batch_valid_length, key_positions)
+        hidden = self.model(tokens, batch_valid_length, key_positions, cache_rows)
         if not self.training and batch_valid_length is not None:
             if self.use_past and not self.is_first_iteration:
                 last = hidden[:, -1]                                                     # (B, h)
