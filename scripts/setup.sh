@@ -10,6 +10,14 @@ fi
 .venv/bin/python -m pip install -q 'pip==26.3' 'setuptools==78.1.1' 'wheel==0.48.0'
 .venv/bin/python -m pip install -q -r requirements.txt
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# Headless Chromium + ChromeDriver (Debian packages) for the browser test of the server's chat page.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
+  else
+    echo "setup: install Debian's chromium and chromium-driver (as root) for the browser test" >&2
+  fi
+fi
 .venv/bin/python -m pip check   # fail here, not in a user's run, if the pins conflict
 .venv/bin/python -c "import mindspore, mindformers, torch, transformers, sentencepiece; \
 print('setup ok: mindspore', mindspore.__version__, '| mindformers', mindformers.__version__, \
