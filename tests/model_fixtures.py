@@ -15,9 +15,9 @@ from hf_fixtures import tiny_hf_config, random_hf_state_dict, write_hf_checkpoin
 import convert_weight
 from baichuan2_7b import Baichuan7BV2ForCausalLM
 from baichuan2_13b import Baichuan13BV2ForCausalLM
+from baichuan2_names import is_runtime_buffer
 
 NETWORKS = {"7b": Baichuan7BV2ForCausalLM, "13b": Baichuan13BV2ForCausalLM}
-RUNTIME_BUFFERS = ("key_past", "value_past", "inv_norm")
 
 
 def ms_config_from_hf(hf_config, **overrides):
@@ -50,7 +50,7 @@ def build_network(kind, hf_config, ckpt, **overrides):
     """Network of ``kind`` with the converted weights loaded; asserts that every weight was loaded."""
     net = NETWORKS[kind](ms_config_from_hf(hf_config, **overrides))
     not_loaded, _ = ms.load_param_into_net(net, ms.load_checkpoint(ckpt))
-    missing = [n for n in not_loaded if not n.endswith(RUNTIME_BUFFERS)]
+    missing = [n for n in not_loaded if not is_runtime_buffer(n)]
     assert not missing, f"parameters not loaded from {ckpt}: {missing}"
     net.set_train(False)
     return net

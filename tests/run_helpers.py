@@ -140,8 +140,8 @@ class CliResult:
         return self.stdout + "\n" + self.stderr
 
     def error_lines(self):
-        """Lines of stderr that start with ``error:`` (the one-line user errors of the CLIs)."""
-        return [line for line in self.stderr.splitlines() if line.startswith("error:")]
+        """Lines of stderr of the form ``prog: error: message`` (the one-line user errors of the CLIs)."""
+        return [line for line in self.stderr.splitlines() if re.match(r"^[\w.-]+\.py: error: ", line)]
 
     def tail(self, lines=40):
         """The end of the combined output without MindSpore's [WARNING] lines, for assertion messages."""

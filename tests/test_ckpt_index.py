@@ -5,7 +5,7 @@ import mindspore as ms
 from mindspore.train import serialization
 
 from baichuan2_ckpt_index import CheckpointIndexError, checkpoint_shapes
-from baichuan2_run_setup import RunSetupError, read_checkpoint_shapes
+from baichuan2_preflight import PreflightError, read_checkpoint_shapes
 
 
 def _tensors():
@@ -67,7 +67,7 @@ def test_a_file_that_is_not_a_checkpoint_is_refused_clearly(tmp_path, content):
     path.write_bytes(content)
     with pytest.raises(CheckpointIndexError):
         checkpoint_shapes(str(path))
-    with pytest.raises(RunSetupError, match=r"cannot read checkpoint .*bad\.ckpt: .*convert_weight\.py"):
+    with pytest.raises(PreflightError, match=r"cannot read checkpoint .*bad\.ckpt: .*convert_weight\.py"):
         read_checkpoint_shapes([str(path)])
 
 

@@ -164,7 +164,7 @@ def test_cli_split_and_merge(complete, tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     result = run_cli(["--src_ckpt_dir", "x.ckpt", "--dst_ckpt_dir", "out"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: no destination layout") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("transform_ckpt.py: error: no destination layout") and result.stderr.count("\n") == 1
     result = run_cli(["--src_ckpt_dir", "x", "--dst_ckpt_dir", "out", "--dst_ckpt_strategy", "s.ckpt",
                       "--dst_mp", "2"], tmp_path)
     assert result.returncode == 2 and "not both" in result.stderr

@@ -130,7 +130,7 @@ def test_no_device_ip_source_is_a_clear_error(tmp_path):
     result = run(HCCL_TOOLS, ["--device_num", "[0,2)", "--server_ip", "10.0.0.1", "--hccn_conf",
                               str(tmp_path / "none")], tmp_path, no_hccn_path())
     assert result.returncode == 2
-    assert result.stderr.startswith("error: cannot find the device IPs: no hccn_tool on PATH")
+    assert result.stderr.startswith("hccl_tools.py: error: cannot find the device IPs: no hccn_tool on PATH")
     assert "--device_ips" in result.stderr
     assert not list(tmp_path.glob("hccl_*.json"))
 
@@ -204,7 +204,8 @@ def test_merge_cli_errors_are_one_line(tmp_path):
     bad.write_text("{not json")
     result = run(MERGE_HCCL, [str(bad)], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.startswith(f"error: {bad} is not valid JSON") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"merge_hccl.py: error: {bad} is not valid JSON")
+    assert result.stderr.count("\n") == 1
     result = run(MERGE_HCCL, [str(tmp_path / "missing.json")], tmp_path)
     assert result.returncode == 2 and "rank table not found" in result.stderr
 

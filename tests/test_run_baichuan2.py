@@ -126,6 +126,7 @@ def test_resume_equals_straight_run(work, data, full7b):
     straight = parse_steps(straight_res.output)
     resumed = parse_steps(first.output) + parse_steps(second.output)
     assert [s[:2] for s in resumed] == [s[:2] for s in straight], "epoch/step numbering differs"
+    # A replay (same kernels, batch and data order), so bitwise equal: the slack is only the 6 printed decimals.
     np.testing.assert_allclose([s[2] for s in resumed], [s[2] for s in straight], rtol=1e-5, atol=1e-5)
 
     expected = load_params(last_checkpoint(straight_out))
@@ -134,6 +135,8 @@ def test_resume_equals_straight_run(work, data, full7b):
     weights_and_moments = [k for k in expected if k.startswith(("model.", "lm_head.", "adam_m.", "adam_v."))]
     assert len(weights_and_moments) > 3 * 20
     for name in weights_and_moments:
+        # Replay: bitwise equal (max diff 0.0 measured). Not a rounding bound: if kernels became nondeterministic,
+        # Adam would move rounding-level elements by O(lr) and this would need test_data_parallel.py's bounds.
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
@@ -235,6 +238,8 @@ def test_merged_lora_gives_the_same_logits(work, data, lora_run, merged_lora):
     from_merged = network_logits(plain_cfg, merged, ids)
     base_only = network_logits(plain_cfg, lora_run["base"], ids)
     assert np.abs(with_lora - base_only).max() > 1e-3, "the trained LoRA should change the logits"
+    # Two fp32 evaluations of one function (W' rounded once vs W x + s*B(A x)): contractions of K <= 176 terms
+    # round differently, ~sqrt(K)*2^-24 = 8e-7 relative each, a few 1e-6 at logits |z| < 5 (test_merge_lora: 3e-6).
     np.testing.assert_allclose(from_merged, with_lora, rtol=1e-5, atol=1e-5)
 
     again = run_cli(["--base_ckpt", lora_run["base_file"], "--lora_ckpt", trainable, "--output", merged_lora,
@@ -267,6 +272,8 @@ def test_eval_perplexity_matches_reference(work, data, full7b):
     ids, labels = read_records(data)
     mean_nll, count = _reference_perplexity(_reference(load_params(ckpt), "7b"), ids, labels)
     assert got["tokens"] == count
+    # fp32 network vs float64 reference: per-token NLL errors ~1e-6, random-signed, averaged over ~860 tokens
+    # (measured 4e-9 relative); PPL = e^loss, so its relative error is the loss's absolute error (2e-8 measured).
     assert got["loss"] == pytest.approx(mean_nll, rel=1e-5)
     assert got["PPL"] == pytest.approx(np.exp(mean_nll), rel=1e-5)
 

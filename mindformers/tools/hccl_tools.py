@@ -21,6 +21,14 @@ import socket
 import subprocess
 import sys
 
+_PLUGIN = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "research",
+                                        "baichuan2"))
+if os.path.isdir(_PLUGIN) and _PLUGIN not in sys.path:
+    sys.path.insert(0, _PLUGIN)       # baichuan2_cli: the one CLI error format
+
+from baichuan2_cli import run_main  # noqa: E402  pylint: disable=wrong-import-position
+
+
 _RANGE = re.compile(r"^\s*\[\s*(\d+)\s*,\s*(\d+)\s*[\])]\s*$")
 _IPV4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
 
@@ -185,12 +193,7 @@ def run(args, out_dir=None):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (RankTableError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(run, "hccl_tools.py", args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,14 @@ import json
 import os
 import sys
 
+_PLUGIN = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "research",
+                                        "baichuan2"))
+if os.path.isdir(_PLUGIN) and _PLUGIN not in sys.path:
+    sys.path.insert(0, _PLUGIN)       # baichuan2_cli: the one CLI error format
+
+from baichuan2_cli import run_main  # noqa: E402  pylint: disable=wrong-import-position
+
+
 TOP_KEYS = ("version", "server_count", "server_list", "status")
 DEVICE_KEYS = ("device_id", "device_ip", "rank_id")
 
@@ -137,12 +145,7 @@ def main(argv=None):
                                      epilog=__doc__.split("\n", 1)[1])
     parser.add_argument("file_list", type=str, nargs="+", help="per-server rank tables, in node order")
     args = parser.parse_args(argv)
-    try:
-        run(args.file_list)
-    except (RankTableError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(run, "merge_hccl.py", args.file_list)
 
 
 if __name__ == "__main__":

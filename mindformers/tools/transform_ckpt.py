@@ -26,21 +26,14 @@ _PLUGIN = os.path.normpath(os.path.join(_HERE, "..", "..", "research", "baichuan
 if os.path.isdir(_PLUGIN) and _PLUGIN not in sys.path:
     sys.path.insert(0, _PLUGIN)
 
+from baichuan2_cli import run_main, str2bool  # noqa: E402  pylint: disable=wrong-import-position
+
 
 def _positive(value):
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
-
-
-def _bool(value):
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def build_parser():
@@ -65,7 +58,7 @@ def build_parser():
     layout.add_argument("--src_pp", type=_positive)
     layout.add_argument("--num_layers", type=_positive, help="default: from the checkpoint's parameter names")
     layout.add_argument("--offset", type=int, default=0, help="model_config.offset (pipeline layer shift)")
-    layout.add_argument("--vocab_emb_dp", type=_bool, default=True,
+    layout.add_argument("--vocab_emb_dp", type=str2bool, default=True,
                         help="True (the yamls' default): embedding replicated; False: split along the vocabulary")
     return parser
 
@@ -119,12 +112,7 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(run, "transform_ckpt.py", args)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ exact and self-checking: a complete checkpoint split and merged again is bit-ide
 """
 from collections import OrderedDict
 from dataclasses import dataclass, asdict
-import glob
 import json
 import os
 import re
@@ -29,18 +28,16 @@ import shutil
 
 import numpy as np
 
+from baichuan2_checkpoints import checkpoint_format, rank_dirs, single_checkpoint
+from baichuan2_names import EMBEDDING, LM_HEAD, NORM_OUT, OPTIMIZER_STATE_PREFIXES
 from baichuan2_parallel import layer_to_stage
 
 MANIFEST = "layout.json"
 MANIFEST_FORMAT = "baichuan2-ckpt-layout/1"
-OPTIMIZER_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.", "accu_grad.")
 COLUMN = ("wq", "wk", "wv", "w1", "w3")
 ROW = ("wo", "w2")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 _LINEAR = re.compile(r"^(?:attention|feed_forward)\.(\w+)\.(weight|bias|mindpet_delta_lora_a|mindpet_delta_lora_b)$")
-EMBEDDING = "model.tok_embeddings.embedding_weight"
-NORM_OUT = "model.norm_out.weight"
-LM_HEAD = "lm_head.weight"
 
 
 class LayoutError(ValueError):
@@ -89,7 +86,7 @@ class Layout:
 def param_rule(name, layout):
     """``(stage, axis)`` of a parameter: ``stage`` None = on every stage; ``axis`` None = not split by mp."""
     base = name
-    for prefix in OPTIMIZER_PREFIXES:
+    for prefix in OPTIMIZER_STATE_PREFIXES:
         if name.startswith(prefix):
             base = name[len(prefix):]
             break
@@ -127,7 +124,7 @@ def infer_num_layers(names):
 
 
 def _strip_optimizer(name):
-    for prefix in OPTIMIZER_PREFIXES:
+    for prefix in OPTIMIZER_STATE_PREFIXES:
         if name.startswith(prefix):
             return name[len(prefix):]
     return name
@@ -224,9 +221,8 @@ def load_ckpt(path):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    fmt = "safetensors" if path.endswith(".safetensors") else "ckpt"
     try:
-        params = ms.load_checkpoint(path, format=fmt)
+        params = ms.load_checkpoint(path, format=checkpoint_format(path))
     except Exception as error:  # pylint: disable=broad-except
         raise LayoutError(f"cannot read checkpoint {path}: {str(error).splitlines()[0]}") from None
     return OrderedDict((name, value.asnumpy()) for name, value in params.items())
@@ -246,22 +242,7 @@ def rank_file(dst_dir, rank, prefix="checkpoint_"):
 
 
 def _single_ckpt(folder):
-    files = sorted(glob.glob(os.path.join(folder, "*.ckpt")) + glob.glob(os.path.join(folder, "*.safetensors")))
-    if len(files) != 1:
-        names = ", ".join(os.path.basename(f) for f in files[:4])
-        what = f"{len(files)} checkpoints ({names})" if files else "no checkpoint"
-        raise LayoutError(f"{folder} holds {what}; exactly one .ckpt per folder is needed "
-                          "(move the others away or pass the file itself)")
-    return files[0]
-
-
-def _rank_dirs(folder):
-    ranks = {}
-    for path in glob.glob(os.path.join(folder, "rank_*")):
-        tail = os.path.basename(path)[len("rank_"):]
-        if os.path.isdir(path) and tail.isdigit():
-            ranks[int(tail)] = path
-    return ranks
+    return single_checkpoint(folder, LayoutError)
 
 
 def split_to_dir(params, dst_dir, layout, prefix="checkpoint_", ranks=None):
@@ -318,7 +299,7 @@ def read_layout_dir(src_dir, layout=None):
         raise LayoutError(f"{src_dir} has rank_x folders but no {MANIFEST}: give its layout "
                           "(--src_dp/--src_mp/--src_pp) or, for checkpoints from a semi-auto-parallel run, "
                           "its strategy file (--src_ckpt_strategy, Ascend/GPU)")
-    dirs = _rank_dirs(src_dir)
+    dirs = rank_dirs(src_dir)
     missing = [r for r in range(layout.world) if r not in dirs]
     extra = sorted(r for r in dirs if r >= layout.world)
     if missing or extra:
@@ -334,7 +315,7 @@ def load_complete(src, layout=None):
         return load_ckpt(src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"source checkpoint not found: {src}")
-    dirs = _rank_dirs(src)
+    dirs = rank_dirs(src)
     if not dirs:
         return load_ckpt(_single_ckpt(src))
     if list(dirs) == [0] and not os.path.isfile(os.path.join(src, MANIFEST)) and layout is None:
@@ -401,7 +382,7 @@ def checkpoint_for_rank(load_checkpoint, output_dir, dp, mp, pp, rank_id, src_st
         if os.path.isfile(load_checkpoint):
             files = {0: load_checkpoint}
         else:
-            dirs = _rank_dirs(load_checkpoint)
+            dirs = rank_dirs(load_checkpoint)
             files = {r: _single_ckpt(d) for r, d in dirs.items()} if dirs else {0: _single_ckpt(load_checkpoint)}
         path = rank_file(dst_dir, rank_id, prefix)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -1,101 +1,89 @@
-"""Inference set-up shared by the chat, generate and pipeline scripts.
+"""Inference set-up: YAML + flags -> MindSpore context, tokenizer, network with its weights.
 
-One way to go from a YAML (+ command-line overrides) to a tokenizer and a network with its weights,
-so that ``run_baichuan2_chat.py``, ``run_baichuan2_generate.py`` and ``run_baichuan2_pipeline.py``
-load exactly what ``run_baichuan2.py --run_mode predict`` loads:
+One way for ``run_baichuan2_chat.py``, ``run_baichuan2_generate.py``, ``run_baichuan2_pipeline.py``
+(and a server) to load exactly what ``run_baichuan2.py --run_mode predict`` loads:
 
-* ``load_checkpoint`` a ``.ckpt`` file, a folder of ``.ckpt`` files (a complete checkpoint, or a
-  base checkpoint + a LoRA checkpoint side by side), or a folder of ``rank_x/`` folders (the output
-  of a distributed run; rank 0's latest checkpoint is read on a single card), optionally through
-  MindFormers' automatic transform (``auto_trans_ckpt`` + ``src_strategy``);
+* ``load_checkpoint`` a ``.ckpt``/``.safetensors`` file, a folder of them (a complete checkpoint,
+  or a base checkpoint + a LoRA checkpoint side by side), or a folder of ``rank_x/`` folders (the
+  output of a distributed run; rank 0's latest checkpoint is read on a single card, a split made by
+  ``baichuan2_ckpt_layout`` is merged back), optionally through MindFormers' automatic transform
+  (``auto_trans_ckpt`` + ``src_strategy``);
 * a YAML with ``model_config.pet_config`` (the ``*_lora`` YAMLs) gets LoRA layers first. They are
   injected into the Baichuan2 network itself (parameter names unchanged), so generation stays on
   the portable Baichuan2 ``generate()``.
 
 Checkpoint names and shapes are checked against the YAML before anything compiles (the same check
-as the predict CLI), and every problem is one line: ``ValueError``/``FileNotFoundError``.
+as the predict CLI), and every problem is one line (``UserInputError`` / ``FileNotFoundError``).
+``setup_context`` is the one context set-up of every entry point, ``run_baichuan2.py`` included.
 """
-import argparse
+import logging
 import os
 
 # Only light imports at module level: the chat script sets up its Ctrl-C handling before MindSpore loads.
+from baichuan2_checkpoints import checkpoint_files, checkpoint_format, is_split_layout, rank_dirs
+from baichuan2_cli import UserInputError, read_inputs
+from baichuan2_config import apply_model_overrides, load_config
+from baichuan2_names import canonical_lora_name, is_runtime_buffer
+from baichuan2_preflight import check_checkpoint, check_memory
+
+logger = logging.getLogger("baichuan2")
 
 
-def str2bool(value):
-    """argparse type for True/False flags, as in the original scripts."""
-    if isinstance(value, bool):
-        return value
-    lowered = str(value).lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+def setup_context(config):
+    """The MindSpore context of ``config`` for every entry point, with the device adaptations.
+
+    ``adapt_parallel_for_device`` (use_parallel as data parallel where operator parallel cannot
+    compile), MindFormers' ``build_context`` (the Trainer does not apply ``config.context``
+    itself), the CPU patches of ``prepare_cpu_training``, and the Baichuan2 classes registered.
+    """
+    from mindformers import build_context  # pylint: disable=import-outside-toplevel
+    import baichuan2_7b  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import baichuan2_13b  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import baichuan2_tokenizer  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    from baichuan2_trainer_setup import prepare_cpu_training, adapt_parallel_for_device  # pylint: disable=C0415
+    adapt_parallel_for_device(config)
+    build_context(config)
+    prepare_cpu_training()
 
 
-def read_prompts(values, flag):
-    """Prompts from a command line: the values themselves, or the non-empty lines of the one existing
-    text file they name. ``flag`` names the option in the error for a file without a prompt."""
-    if len(values) == 1 and os.path.isfile(values[0]):
-        with open(values[0], encoding="utf-8") as handle:
-            prompts = [line.rstrip("\n") for line in handle if line.strip()]
-        if not prompts:
-            raise ValueError(f"{flag} file {values[0]} has no prompt (one prompt per line).")
-        return prompts
-    return list(values)
-
-
-def add_model_arguments(parser, default_config):
-    """The model/checkpoint flags of the original chat script, plus ``--device_target`` and ``--mode``."""
-    parser.add_argument("--config", default=default_config, type=str, help="YAML config (run_baichuan2_*.yaml).")
-    parser.add_argument("--use_parallel", default=None, type=str2bool, help="Overrides use_parallel (False here).")
-    parser.add_argument("--device_id", default=None, type=int, help="Overrides context.device_id.")
-    parser.add_argument("--device_target", default=None, choices=("CPU", "Ascend", "GPU"),
-                        help="Overrides context.device_target (CPU on machines without Ascend).")
-    parser.add_argument("--mode", default=None, type=int, help="context.mode: 0 graph (default), 1 PyNative.")
-    parser.add_argument("--load_checkpoint", default=None, type=str,
-                        help="Checkpoint file, or folder (complete ckpt, base + lora ckpts, or rank_x/ folders).")
-    parser.add_argument("--src_strategy", default=None, type=str, help="Strategy of a distributed checkpoint.")
-    parser.add_argument("--auto_trans_ckpt", default=None, type=str2bool, help="Transform checkpoints to the layout.")
-    parser.add_argument("--vocab_file", default=None, type=str, help="Overrides processor.tokenizer.vocab_file.")
-    return parser
-
-
-def prepare_config(args, run_mode="predict"):
+def prepare_config(args, run_mode="predict", batch_size=1, use_past=None):
     """YAML + overrides, checked, with the MindSpore context set up; returns the ``MindFormerConfig``.
 
-    Raises ``ValueError``/``FileNotFoundError`` with one line naming the field and the fix.
+    ``batch_size`` / ``use_past``: the network the script will build, for the memory pre-flight
+    (``check_memory``; ``args.skip_memory_check`` skips its refusal).
+
+    Raises ``UserInputError``/``FileNotFoundError`` with one line naming the field and the fix.
     """
-    from baichuan2_config import load_config, resolve_path  # pylint: disable=import-outside-toplevel
-    from baichuan2_run_setup import (  # pylint: disable=import-outside-toplevel
-        apply_model_overrides, check_device, check_checkpoint)
+    from baichuan2_device import check_device_available, parallel_inference_supported  # pylint: disable=C0415
     config = apply_model_overrides(load_config(args.config), args)
     config.run_mode = run_mode
     vocab = config.processor.tokenizer.vocab_file if config.processor and config.processor.tokenizer else None
-    vocab = resolve_path(vocab, args.config) if vocab else vocab
     if not vocab or not os.path.isfile(vocab):
         raise FileNotFoundError(f"tokenizer file not found: {vocab!r} (pass --vocab_file path/to/tokenizer.model "
                                 "or set processor.tokenizer.vocab_file in the yaml)")
-    config.processor.tokenizer.vocab_file = vocab
 
-    check_device(config)
-    if config.use_parallel and config.context.device_target == "CPU":
-        raise ValueError("use_parallel: True needs Ascend (multi-card inference shards the model); "
-                         "on CPU pass --use_parallel False")
+    check_device_available(config.context.device_target)
+    if config.use_parallel and not parallel_inference_supported(config.context.device_target):
+        raise UserInputError("use_parallel: True needs Ascend (multi-card inference shards the model); "
+                             "on CPU pass --use_parallel False")
     model_config = config.model.model_config
     if config.load_checkpoint:
         if not os.path.exists(config.load_checkpoint):
             raise FileNotFoundError(f"load_checkpoint not found: {config.load_checkpoint} "
                                     "(a .ckpt file or a folder of .ckpt files or rank_x/ folders)")
         check_checkpoint(config.load_checkpoint, model_config, bool(model_config.pet_config), run_mode=run_mode)
-    _setup_context(config)
+    check_memory(config, run_mode, skip=getattr(args, "skip_memory_check", False), batch_size=batch_size,
+                 use_past=use_past)
+    setup_context(config)
     return config
 
 
-def _setup_context(config):
-    from mindformers import build_context  # pylint: disable=import-outside-toplevel
-    import baichuan2_tokenizer  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    build_context(config)
+def prepare_generation(args, batch_size=None):
+    """``(prompts, config, tokenizer)`` of the generate/pipeline scripts (``--inputs`` and the model flags);
+    ``batch_size``: rows the script generates at once (default: every prompt)."""
+    prompts = read_inputs(args.inputs)
+    config = prepare_config(args, batch_size=batch_size or len(prompts), use_past=args.use_past)
+    return prompts, config, build_tokenizer(config)
 
 
 def build_tokenizer(config):
@@ -124,42 +112,63 @@ def apply_lora(network, pet_config):
     pet = dict(pet_config)
     pet.setdefault("pet_type", "lora")
     if pet["pet_type"] != "lora":
-        raise ValueError(f"model_config.pet_config.pet_type {pet['pet_type']!r} is not supported; use lora")
+        raise UserInputError(f"model_config.pet_config.pet_type {pet['pet_type']!r} is not supported; use lora")
     get_pet_model(network, pet)             # as MindFormers' build_network; LoRA dtypes follow the layers
     return network
 
 
-_RUNTIME_BUFFERS = ("key_past", "value_past", "inv_norm")
+def _load_params(network, params, source):
+    """``params`` (``{name: Tensor/array}``, either LoRA spelling) into ``network``; every weight must be there."""
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    tensors = {canonical_lora_name(name): ms.Parameter(ms.Tensor(value) if not isinstance(value, ms.Tensor)
+                                                       else value, name=canonical_lora_name(name))
+               for name, value in params.items()}
+    not_loaded, _ = ms.load_param_into_net(network, tensors)
+    missing = [name for name in not_loaded if not is_runtime_buffer(name)]
+    if missing:
+        raise UserInputError(f"checkpoint {source} lacks {missing[:3]}; check --config (7B vs 13B, LoRA) or the "
+                             "checkpoint")
 
 
-def _is_split_layout(path):
-    """A ``rank_x/`` folder written by ``baichuan2_ckpt_layout`` (it carries a ``layout.json``)."""
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "layout.json"))
+def _transform_and_load(config, network):
+    """MindFormers' ``transform_and_load_checkpoint``, as the Trainer calls it (rank_x layouts, auto_trans_ckpt).
+
+    MindFormers >= 1.9 reads ``config.checkpoint.load_path``, which its Trainer fills from
+    ``load_checkpoint`` (``convert_checkpoint_config``); outside the Trainer it is filled here.
+    """
+    import mindspore as ms  # pylint: disable=import-outside-toplevel
+    from mindformers.trainer import utils  # pylint: disable=import-outside-toplevel
+    convert_checkpoint_config = getattr(utils, "convert_checkpoint_config", None)     # None: mindformers 1.8
+    if convert_checkpoint_config is not None and config.get("checkpoint") is None:
+        convert_checkpoint_config(config)
+    utils.transform_and_load_checkpoint(config, ms.Model(network), network, None, do_predict=True)
 
 
 def load_weights(config, network):
-    """Load ``config.load_checkpoint`` into ``network``.
+    """Load ``config.load_checkpoint`` into ``network`` (LoRA layers already injected).
 
-    A ``rank_x/`` folder split for a dp/mp/pp layout by ``baichuan2_ckpt_layout`` (with its
-    ``layout.json``) is merged back into the complete weights; everything else goes through
-    MindFormers' ``transform_and_load_checkpoint``, as in the Trainer (a file, a folder of ``.ckpt``
-    files, rank 0 of a ``rank_x/`` folder, or ``auto_trans_ckpt`` with a strategy).
+    * a file, or a folder of complete checkpoint files (base + LoRA side by side), without
+      ``auto_trans_ckpt``: read with ``mindspore.load_checkpoint`` (later files win) and loaded
+      with the ``tk_delta`` -> ``mindpet_delta`` rename; every weight must be found;
+    * a ``rank_x/`` folder split by ``baichuan2_ckpt_layout`` (with its ``layout.json``): merged
+      back into the complete weights;
+    * anything else (other ``rank_x/`` folders, ``auto_trans_ckpt`` with a strategy): MindFormers'
+      ``transform_and_load_checkpoint``, as in the Trainer.
     """
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     path = config.load_checkpoint
-    if _is_split_layout(path) and not config.auto_trans_ckpt:
-        import baichuan2_ckpt_layout  # pylint: disable=import-outside-toplevel
-        params = baichuan2_ckpt_layout.load_complete(path)
-        tensors = {name.replace("tk_delta", "mindpet_delta"): ms.Parameter(ms.Tensor(value), name=name)
-                   for name, value in params.items()}
-        not_loaded, _ = ms.load_param_into_net(network, tensors)
-        missing = [name for name in not_loaded if not name.endswith(_RUNTIME_BUFFERS)]
-        if missing:
-            raise ValueError(f"checkpoint {path} (merged from its rank_x folders) lacks {missing[:3]}; "
-                             "check --config (7B vs 13B, LoRA) or the checkpoint")
-        return
-    from mindformers.trainer.utils import transform_and_load_checkpoint  # pylint: disable=C0415
-    transform_and_load_checkpoint(config, ms.Model(network), network, None, do_predict=True)
+    if not config.auto_trans_ckpt:
+        if is_split_layout(path):
+            import baichuan2_ckpt_layout  # pylint: disable=import-outside-toplevel
+            _load_params(network, baichuan2_ckpt_layout.load_complete(path), f"{path} (merged from its rank_x folders)")
+            return
+        if not rank_dirs(path):
+            params = {}
+            for file in checkpoint_files(path):
+                params.update(ms.load_checkpoint(file, format=checkpoint_format(file)))
+            _load_params(network, params, path)
+            return
+    _transform_and_load(config, network)
 
 
 def build_inference_network(config, batch_size=1, use_past=None):

@@ -10,6 +10,8 @@ operator or pipeline parallel (MindSpore's CPU backend; ``baichuan2_device`` dec
 at layer 16, 13B gives 10/10/10/10 with ``pp=4`` and 20/20 with ``pp=2``. The embedding lives on stage
 0, the final norm and the lm_head on the last stage.
 """
+from baichuan2_names import ffn_width
+
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot run with this model, world size or device."""
@@ -52,22 +54,6 @@ def stage_layers(num_layers, pp, offset=0):
     for layer_id in range(num_layers):
         stages[layer_to_stage(layer_id, num_layers, pp, offset)].append(layer_id)
     return stages
-
-
-def _ffn_width(model_config):
-    """The FFN width the network builds (explicit ``intermediate_size`` or derived from ``multiple_of``)."""
-    explicit = _get(model_config, "intermediate_size")
-    if explicit:
-        return int(explicit)
-    hidden = _get(model_config, "hidden_size")
-    if not hidden:
-        return None
-    width = int(2 * 4 * hidden / 3)
-    multiplier = _get(model_config, "ffn_dim_multiplier")
-    if multiplier:
-        width = int(2 * int((multiplier + 0.01) * 4 * hidden) / 3)
-    multiple = _get(model_config, "multiple_of", 256)
-    return multiple * ((width + multiple - 1) // multiple)
 
 
 def validate_parallel_config(parallel_config, model_config, rank_size, device_target, batch_size,
@@ -124,7 +110,7 @@ def validate_parallel_config(parallel_config, model_config, rank_size, device_ta
     vocab = _get(model_config, "vocab_size")
     if vocab is not None and vocab % mp:
         raise ParallelConfigError(f"vocab_size {vocab} is not divisible by model_parallel {mp}")
-    ffn = _ffn_width(model_config)
+    ffn = ffn_width(model_config)
     if ffn is not None and ffn % mp:
         raise ParallelConfigError(f"FFN width (intermediate_size) {ffn} is not divisible by model_parallel {mp}")
 

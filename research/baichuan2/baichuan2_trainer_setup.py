@@ -21,7 +21,7 @@ from mindformers.core.callback import CheckpointMonitor
 from mindformers.core.optim import AdamW
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-from baichuan2_device import device_capabilities, check_parallel_supported
+from baichuan2_device import check_parallel_supported, device_capabilities, needs_portable_training_ops
 
 logger = logging.getLogger("baichuan2")
 
@@ -83,7 +83,7 @@ def prepare_cpu_training():
     * ``comm_func.barrier`` (no CPU kernel), called when loading a checkpoint with
       ``use_parallel`` -> an AllReduce barrier.
     """
-    if device_capabilities().device_target != "CPU":
+    if not needs_portable_training_ops():
         return
     nn.TrainOneStepWithLossScaleCell.get_overflow_status = _portable_overflow_status
     import importlib  # pylint: disable=import-outside-toplevel

@@ -1,4 +1,4 @@
-"""Baichuan2 weights: the one place that knows HF <-> MindSpore parameter names and shapes.
+"""Baichuan2 weights: HF <-> MindSpore shapes, checks and the streaming converters (names: ``baichuan2_names``).
 
 Used by ``convert_weight.py`` / ``convert_reversed.py`` (both directions) and by the tests.
 Facts sheet §4 is the specification. Notation: ``V`` vocab_size, ``h`` hidden_size,
@@ -14,91 +14,16 @@ are ``ValueError`` / ``FileNotFoundError`` / ``FileExistsError`` with a one-line
 """
 import json
 import os
-import re
 import time
 
-# --------------------------------------------------------------------------------------------
-# Names
-# --------------------------------------------------------------------------------------------
-W_PACK = "self_attn.W_pack.weight"
-QKV = ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight")
-
-#: HF name -> MindSpore name for the tensors outside the decoder layers.
-GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "model.tok_embeddings.embedding_weight",
-    "model.norm.weight": "model.norm_out.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-#: Per-layer suffix (after ``model.layers.i.``), HF -> MindSpore, W_pack excluded.
-LAYER_NAMES = {
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-_MS_GLOBAL = {v: k for k, v in GLOBAL_NAMES.items()}
-_MS_LAYER = {v: k for k, v in LAYER_NAMES.items()}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-
-#: HF tensors that are derived buffers, not weights: skipped (with a note) if present.
-HF_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-#: Substrings of runtime-only MindSpore parameters (KV cache, normalised-head buffers such as
-#: ``lm_head.inv_norm`` of baichuan2_layers.NormHead): ignored, never converted.
-MS_RUNTIME_MARKERS = ("key_past", "value_past", "kvcache", "normalized", "inv_norm")
-#: Substrings of LoRA parameters (mindpet; ``tk_delta`` is the old spelling).
-MS_LORA_MARKERS = ("mindpet_delta", "tk_delta")
-#: Optimizer / training-loop state found in MindFormers training checkpoints: ignored.
-MS_TRAIN_STATE_PREFIXES = ("adam_m.", "adam_v.", "moment1.", "moment2.", "accu_grads.",
-                           "global_step", "learning_rate", "beta1_power", "beta2_power",
-                           "scale_sense", "loss_scale", "epoch_num", "step_num",
-                           "current_iterator_step", "last_overflow_iterator_step", "global_batch_size")
+# Names: the tables live in baichuan2_names (re-exported here for the converters' users).
+from baichuan2_names import (  # noqa: E402,F401  pylint: disable=unused-import,wrong-import-position
+    GLOBAL_NAMES, HF_IGNORED_SUFFIXES, LAYER_NAMES, QKV, W_PACK, classify_ms_name, hf_to_ms_name,
+    LAYER_RE, hf_to_ms_names, ms_to_hf_name)
 
 BAICHUAN1_VOCAB = 64000
 DTYPES = ("fp16", "bf16", "fp32")
 LORA_MERGE_TOOL = "research/baichuan2/merge_lora.py"
-
-
-def hf_to_ms_name(name):
-    """MindSpore name of the HF tensor ``name``.
-
-    ``W_pack`` has three MindSpore counterparts: use :func:`hf_to_ms_names` or
-    :func:`split_w_pack` for it. Raises ``ValueError`` for a name that is not a Baichuan2 weight.
-    """
-    names = hf_to_ms_names(name)
-    if len(names) != 1:
-        raise ValueError(f"{name} maps to {len(names)} MindSpore tensors {names}; "
-                         "use hf_to_ms_names()/split_w_pack()")
-    return names[0]
-
-
-def hf_to_ms_names(name):
-    """List of MindSpore names for one HF tensor (three, in q,k,v order, for ``W_pack``)."""
-    if name in GLOBAL_NAMES:
-        return [GLOBAL_NAMES[name]]
-    m = _LAYER_RE.match(name)
-    if m:
-        prefix, suffix = f"model.layers.{m.group(1)}.", m.group(2)
-        if suffix == W_PACK:
-            return [prefix + s for s in QKV]
-        if suffix in LAYER_NAMES:
-            return [prefix + LAYER_NAMES[suffix]]
-    raise ValueError(f"not a Baichuan2 HF weight name: {name}")
-
-
-def ms_to_hf_name(name):
-    """HF name of the MindSpore tensor ``name`` (``wq``/``wk``/``wv`` all give the W_pack name)."""
-    if name in _MS_GLOBAL:
-        return _MS_GLOBAL[name]
-    m = _LAYER_RE.match(name)
-    if m:
-        prefix, suffix = f"model.layers.{m.group(1)}.", m.group(2)
-        if suffix in QKV:
-            return prefix + W_PACK
-        if suffix in _MS_LAYER:
-            return prefix + _MS_LAYER[suffix]
-    raise ValueError(f"not a Baichuan2 MindSpore weight name: {name}")
 
 
 def split_w_pack(w_pack, hidden_size):
@@ -281,18 +206,6 @@ def _assemble_hf(state, config, convert):
     return out
 
 
-def classify_ms_name(name):
-    """Kind of a MindSpore name: "weight", "runtime" (KV cache, normalised head buffer),
-    "train_state" (optimizer, step counters) or "lora"."""
-    if any(m in name for m in MS_LORA_MARKERS):
-        return "lora"
-    if any(m in name for m in MS_RUNTIME_MARKERS):
-        return "runtime"
-    if name.startswith(MS_TRAIN_STATE_PREFIXES):
-        return "train_state"
-    return "weight"
-
-
 def infer_config_from_ms(shapes):
     """Minimal config (V, h, I, L; heads unknown -> 1) inferred from MindSpore tensor shapes."""
     emb = shapes.get("model.tok_embeddings.embedding_weight")
@@ -301,7 +214,7 @@ def infer_config_from_ms(shapes):
         raise ValueError("MindSpore checkpoint: cannot infer the model size (missing "
                          "model.tok_embeddings.embedding_weight or model.layers.0.feed_forward."
                          "w1.weight); pass --config_json")
-    layers = {int(m.group(1)) for m in map(_LAYER_RE.match, shapes) if m}
+    layers = {int(m.group(1)) for m in map(LAYER_RE.match, shapes) if m}
     config = {"vocab_size": emb[0], "hidden_size": emb[1], "intermediate_size": w1[0],
               "num_hidden_layers": max(layers) + 1, "num_attention_heads": 1}
     return validate_config(config, "MindSpore checkpoint")

@@ -10,11 +10,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from convert_weight import main as _main  # noqa: E402
+from baichuan2_convert import convert_main  # noqa: E402
 
 
 def main(argv=None):
-    return _main(argv, reverse=True, prog="convert_reversed.py")
+    return convert_main(argv, reverse=True, prog="convert_reversed.py")
 
 
 if __name__ == "__main__":

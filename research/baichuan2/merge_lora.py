@@ -22,7 +22,6 @@ them). Bad input ends with one line on stderr and exit status 2; an existing out
 replaced without ``--overwrite``.
 """
 import argparse
-import glob
 import os
 import sys
 
@@ -30,20 +29,16 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from baichuan2_weights import MS_TRAIN_STATE_PREFIXES, classify_ms_name  # noqa: E402
+from baichuan2_checkpoints import checkpoint_files, checkpoint_format  # noqa: E402
+from baichuan2_cli import UserInputError, run_main  # noqa: E402
+from baichuan2_config import read_yaml_mapping  # noqa: E402
+from baichuan2_names import LORA_A, LORA_B, canonical_lora_name, classify_ms_name, is_train_state  # noqa: E402
 
-LORA_A = "mindpet_delta_lora_a"
-LORA_B = "mindpet_delta_lora_b"
-_OLD_MARKER = "tk_delta"          # the loader of MindFormers renames tk_delta -> mindpet_delta
+PROG = "merge_lora.py"
 
 
-class MergeError(ValueError):
+class MergeError(UserInputError):
     """Bad input for the merge; the message is one line meant for the user."""
-
-
-def canonical_name(name):
-    """LoRA names with the old ``tk_delta`` spelling, as MindFormers' loader renames them."""
-    return name.replace(_OLD_MARKER, "mindpet_delta")
 
 
 def is_network_weight(name):
@@ -53,7 +48,7 @@ def is_network_weight(name):
 
 def is_lora_parameter(name):
     """A LoRA weight (not its optimizer moments such as ``adam_m.<...>.mindpet_delta_lora_a``)."""
-    return name.endswith(("." + LORA_A, "." + LORA_B)) and not name.startswith(MS_TRAIN_STATE_PREFIXES)
+    return name.endswith(("." + LORA_A, "." + LORA_B)) and not is_train_state(name)
 
 
 def lora_pairs(names):
@@ -87,7 +82,7 @@ def merge_lora_weights(params, lora_alpha, lora_rank=None):
         ``{name: np.ndarray}`` of network weights only (no LoRA entries), each merged weight in
         the dtype of its base weight; the sum is computed in float64.
     """
-    params = {canonical_name(k): v for k, v in params.items()}
+    params = {canonical_lora_name(k): v for k, v in params.items()}
     if lora_alpha is None:
         raise MergeError("lora_alpha is needed (pass --lora_alpha or --config with model.model_config.pet_config)")
     pairs = lora_pairs(params)
@@ -114,18 +109,6 @@ def merge_lora_weights(params, lora_alpha, lora_rank=None):
     return out
 
 
-def checkpoint_files(path, what):
-    """The ``.ckpt``/``.safetensors`` files of a file or folder argument."""
-    if os.path.isfile(path):
-        return [path]
-    if os.path.isdir(path):
-        files = sorted(glob.glob(os.path.join(path, "*.ckpt")) + glob.glob(os.path.join(path, "*.safetensors")))
-        if files:
-            return files
-        raise MergeError(f"{what} folder {path} holds no .ckpt file")
-    raise MergeError(f"{what} not found: {path}")
-
-
 def read_checkpoints(files, bf16_names=None):
     """``{name: np.ndarray}`` merged over ``files`` (later files win on duplicate names).
 
@@ -135,14 +118,13 @@ def read_checkpoints(files, bf16_names=None):
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     params = {}
     for file in files:
-        fmt = "safetensors" if file.endswith(".safetensors") else "ckpt"
         try:
-            loaded = ms.load_checkpoint(file, format=fmt)
+            loaded = ms.load_checkpoint(file, format=checkpoint_format(file))
         except Exception as error:  # pylint: disable=broad-except
             lines = str(error).strip().splitlines()
             raise MergeError(f"cannot read checkpoint {file}: {lines[0] if lines else type(error).__name__}") from None
         for name, value in loaded.items():
-            name = canonical_name(name)
+            name = canonical_lora_name(name)
             if value.dtype == ms.bfloat16:
                 value = value.astype(ms.float32)
                 if bf16_names is not None:
@@ -176,14 +158,7 @@ def write_checkpoint(params, path, bf16_names=()):
 
 def pet_config_from_yaml(path):
     """``(lora_alpha, lora_rank)`` from ``model.model_config.pet_config`` of a yaml (plain YAML read)."""
-    import yaml  # pylint: disable=import-outside-toplevel
-    if not os.path.isfile(path):
-        raise MergeError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
-        try:
-            config = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise MergeError(f"cannot parse {path}: {str(error).splitlines()[0]}") from None
+    config = read_yaml_mapping(path)
     pet = ((config.get("model") or {}).get("model_config") or {}).get("pet_config")
     if not pet or pet.get("lora_alpha") is None:
         raise MergeError(f"{path} has no model.model_config.pet_config with lora_alpha; pass --lora_alpha")
@@ -209,8 +184,8 @@ def merge_files(base_ckpt, lora_ckpt, output, lora_alpha=None, lora_rank=None, c
     if lora_alpha is None:
         raise MergeError("lora_alpha is needed: pass --lora_alpha A (and --lora_rank R) or --config with "
                          "model.model_config.pet_config")
-    lora_files = checkpoint_files(lora_ckpt, "--lora_ckpt")
-    base_files = checkpoint_files(base_ckpt, "--base_ckpt") if base_ckpt else []
+    lora_files = checkpoint_files(lora_ckpt, "--lora_ckpt", allow_rank_dirs=False)
+    base_files = checkpoint_files(base_ckpt, "--base_ckpt", allow_rank_dirs=False) if base_ckpt else []
     bf16_names = set()
     base = read_checkpoints(base_files, bf16_names)
     lora = read_checkpoints([f for f in lora_files if f not in base_files], bf16_names)
@@ -230,7 +205,7 @@ def merge_files(base_ckpt, lora_ckpt, output, lora_alpha=None, lora_rank=None, c
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="merge_lora.py", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--base_ckpt", default=None,
                         help="base checkpoint file or folder (optional if --lora_ckpt holds the base weights)")
     parser.add_argument("--lora_ckpt", required=True,
@@ -245,16 +220,12 @@ def build_parser():
 
 def main(argv=None):
     """Run the CLI; returns 0 on success, 2 (after one line on stderr) on bad input."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
+    args = build_parser().parse_args(argv)
+
+    def merge():
         merge_files(args.base_ckpt, args.lora_ckpt, args.output, lora_alpha=args.lora_alpha,
                     lora_rank=args.lora_rank, config=args.config, overwrite=args.overwrite)
-    except (MergeError, OSError) as error:
-        lines = str(error).strip().splitlines()
-        print(f"{parser.prog}: error: {lines[0] if lines else repr(error)}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main(merge, PROG)
 
 
 if __name__ == "__main__":

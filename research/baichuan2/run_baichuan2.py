@@ -16,29 +16,19 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from baichuan2_inference import str2bool  # noqa: E402  pylint: disable=wrong-import-position
+from baichuan2_cli import add_model_arguments, fail, str2bool  # noqa: E402  pylint: disable=wrong-import-position
 
+PROG = "run_baichuan2.py"
 RUN_MODES = ("train", "finetune", "eval", "predict", "export")
 
 
 def build_parser():
     """The original CLI (facts sheet §6.1) plus --device_target, --train_data and --output_dir."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="text_generation", type=str, help="MindFormers task name.")
-    parser.add_argument("--config", default="baichuan2/run_baichuan2_7b.yaml", type=str,
-                        help="YAML config (run_baichuan2_*.yaml).")
+    add_model_arguments(parser, default_config="baichuan2/run_baichuan2_7b.yaml")
     parser.add_argument("--run_mode", default="train", choices=RUN_MODES, help="What to run.")
     parser.add_argument("--seq_length", default=None, type=int, help="Overrides model.model_config.seq_length.")
-    parser.add_argument("--use_parallel", default=None, type=str2bool, help="Overrides use_parallel.")
-    parser.add_argument("--device_id", default=None, type=int, help="Overrides context.device_id.")
-    parser.add_argument("--device_target", default=None, choices=("CPU", "Ascend", "GPU"),
-                        help="Overrides context.device_target (CPU on machines without Ascend).")
-    parser.add_argument("--mode", default=None, type=int,
-                        help="context.mode: 0 graph (default of the yaml), 1 PyNative (also turns off recompute).")
-    parser.add_argument("--load_checkpoint", default=None, type=str,
-                        help="Checkpoint file, or folder (a complete ckpt, base + lora ckpts, or rank_x/ folders).")
-    parser.add_argument("--src_strategy", default=None, type=str, help="Strategy of a distributed checkpoint.")
-    parser.add_argument("--auto_trans_ckpt", default=None, type=str2bool, help="Transform checkpoints to the layout.")
     parser.add_argument("--resume", default=None, type=str2bool,
                         help="Continue from the last checkpoint in output_dir (step, optimizer, lr schedule).")
     parser.add_argument("--train_dataset", "--train_data", dest="train_dataset", default="", type=str,
@@ -49,7 +39,6 @@ def build_parser():
     parser.add_argument("--max_length", default=512, type=int, help="Maximum total length for predict.")
     parser.add_argument("--max_new_tokens", default=None, type=int, help="Maximum new tokens for predict.")
     parser.add_argument("--remote_save_url", default="", type=str, help="ModelArts OBS url (not used here).")
-    parser.add_argument("--vocab_file", default=None, type=str, help="Overrides processor.tokenizer.vocab_file.")
     parser.add_argument("--output_dir", default=None, type=str, help="Overrides output_dir (default ./output).")
     parser.add_argument("--dp", default=None, type=int, help="parallel_config.data_parallel")
     parser.add_argument("--mp", default=None, type=int, help="parallel_config.model_parallel")
@@ -61,14 +50,12 @@ def build_parser():
 def main(argv=None):
     """Parse, check, then hand over to ``mindformers.Trainer``. Returns the process exit status."""
     args = build_parser().parse_args(argv)
-    from baichuan2_run_setup import RunSetupError, prepare_run   # heavy imports after argument parsing
+    from baichuan2_run_setup import prepare_run, run_trainer   # heavy imports after argument parsing
     try:
-        config = prepare_run(args)
-    except (RunSetupError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from baichuan2_run_setup import run_trainer
-    run_trainer(config, args)
+        config, inputs = prepare_run(args)
+    except (ValueError, OSError) as error:
+        return fail(PROG, error)
+    run_trainer(config, args, inputs)
     return 0
 
 

@@ -11,28 +11,28 @@ the docs (``do_sample=False, top_k=1, top_p=1.0, temperature=1.0, max_length=64`
         --load_checkpoint path/to/Baichuan2-13B-Chat.ckpt --vocab_file path/to/tokenizer.model \\
         --use_parallel False --device_target CPU
 """
+import functools
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import run_baichuan2_generate  # noqa: E402
-from run_baichuan2_generate import generation_kwargs, prepare_inputs  # noqa: E402
+from baichuan2_cli import build_generation_parser, fail, generation_kwargs  # noqa: E402
 
-
-def build_parser():
-    return run_baichuan2_generate.build_parser("baichuan2/run_baichuan2_13b.yaml", __doc__)
+PROG = "run_baichuan2_pipeline.py"
+build_parser = functools.partial(build_generation_parser, "baichuan2/run_baichuan2_13b.yaml", __doc__, PROG)
 
 
 def main(argv=None):
+    """Parse, prepare (one error line on bad input), then run MindFormers' text-generation pipeline."""
+    from baichuan2_inference import build_inference_network, prepare_generation
     args = build_parser().parse_args(argv)
+    try:
+        inputs, config, tokenizer = prepare_generation(args, batch_size=1)
+    except (ValueError, OSError) as error:
+        return fail(PROG, error)
     from mindspore import Model
     from mindformers.pipeline import pipeline
-    from baichuan2_inference import build_inference_network
-    prepared = prepare_inputs(args)
-    if prepared is None:
-        return 2
-    inputs, config, tokenizer = prepared
     network = build_inference_network(config, batch_size=1, use_past=args.use_past)
     baichuan2_model = Model(network)
 
