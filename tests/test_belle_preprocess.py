@@ -156,7 +156,7 @@ def assert_fails(capsys, out_dir, *args):
         run_cli(*args, "--output_file", out_dir / "out.mindrecord", "--seq_length", 32)
     assert err.value.code == 2
     stderr = capsys.readouterr().err.strip()
-    assert stderr.startswith("error: ") and "\n" not in stderr
+    assert stderr.startswith("belle_preprocess.py: error: ") and "\n" not in stderr
     assert not [name for name in os.listdir(out_dir) if name.startswith(("out", ".belle"))]
     return stderr
 
@@ -283,3 +283,93 @@ def test_summary_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "truncated: 1" in out
     assert f"tokens (without padding): {tokens}, with a label: {labelled} " in out
+
+
+# ----- packing (--pack True) --------------------------------------------------------------------
+def read_packed_rows(path):
+    import mindspore.dataset as ds
+    dataset = ds.MindDataset(path, columns_list=["input_ids", "labels", "position_ids"], shuffle=False)
+    return [(row["input_ids"], row["labels"], row["position_ids"])
+            for row in dataset.create_dict_iterator(output_numpy=True)]
+
+
+def split_packed_row(ids, labels, positions):
+    """The conversations of a packed row (a run from one position-0 token to the next), pads left out
+    (a pad is input 0, label -100, position 0: a one-token run of id 0)."""
+    starts = [t for t in range(len(ids)) if positions[t] == 0] + [len(ids)]
+    runs = [(ids[a:b].tolist(), labels[a:b].tolist(), positions[a:b].tolist()) for a, b in zip(starts, starts[1:])]
+    return [run for run in runs if not (len(run[0]) == 1 and run[0][0] == 0 and run[1][0] == -100)]
+
+
+@pytest.fixture(scope="module")
+def packed_mindrecord(tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "belle_256_packed.mindrecord"
+    assert run_cli("--input_glob", SAMPLE, "--output_file", out, "--seq_length", 256, "--pack", "True") == 0
+    return str(out)
+
+
+def test_pack_puts_every_conversation_once_unchanged(sample, sp, packed_mindrecord):
+    """Each conversation lands whole in exactly one row, with the unpacked template's input ids and labels
+    (truncated as unpacked), except its first label: -100 (the unpacked shift drops it too)."""
+    rows = read_packed_rows(packed_mindrecord)
+    assert len(rows) < len(sample)
+    found = []
+    for ids, labels, positions in rows:
+        assert ids.dtype == labels.dtype == positions.dtype == np.int32
+        assert ids.shape == labels.shape == positions.shape == (257,)
+        for conv_ids, conv_labels, conv_positions in split_packed_row(ids, labels, positions):
+            assert conv_positions == list(range(len(conv_ids)))
+            found.append((conv_ids, conv_labels))
+    expected = []
+    for record in sample:
+        want_ids, want_labels = reference_example(record["conversations"], sp, 256)
+        n = min(257, _conversation_length(record["conversations"], sp))       # without the padding
+        expected.append((want_ids[:n], [-100] + want_labels[1:n]))
+    assert sorted(found) == sorted(expected)
+
+
+def _conversation_length(conversation, sp):
+    """Tokens of the unpacked template before truncation: a role token per turn, its text, the eos."""
+    return sum(1 + len(sp.encode(turn["value"])) for turn in conversation) + 1
+
+
+def test_pack_reports_efficiency_and_is_deterministic(tmp_path, capsys, sample, sp):
+    outputs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.mindrecord"
+        assert run_cli("--input_glob", SAMPLE, "--output_file", out, "--seq_length", 256, "--pack", "True") == 0
+        outputs.append(read_packed_rows(str(out)))
+    report = capsys.readouterr().out
+    assert all(np.array_equal(x, y) for row_a, row_b in zip(*outputs) for x, y in zip(row_a, row_b))
+    assert len(outputs[0]) == len(outputs[1])
+    rows = outputs[0]
+    tokens = sum(min(257, _conversation_length(r["conversations"], sp)) for r in sample)
+    assert f"packing: {len(sample)} conversations -> {len(rows)} rows" in report
+    assert f"{tokens / (len(sample) * 257):.1%} -> {tokens / (len(rows) * 257):.1%}" in report
+    per_row = {}
+    for ids, labels, positions in rows:
+        count = len(split_packed_row(ids, labels, positions))
+        per_row[count] = per_row.get(count, 0) + 1
+    assert "conversations per row: " + ", ".join(f"{k}: {v} rows" for k, v in sorted(per_row.items())) in report
+
+
+def test_default_output_has_no_position_ids(sample_mindrecord):
+    from mindspore.mindrecord import FileReader
+    reader = FileReader(sample_mindrecord, num_consumer=1)
+    assert sorted(reader.schema()) == ["input_ids", "labels"]
+    reader.close()
+
+
+def test_pack_rejects_bad_input_as_unpacked(tmp_path, capsys):
+    record, problem = BAD_RECORDS["turn_without_from"]
+    data = write_json(tmp_path / "data.json", [good_record(0), record])
+    message = assert_fails(capsys, tmp_path, "--input_glob", data, "--pack", "True")
+    assert problem in message
+
+
+def test_pack_flag_takes_true_or_false(tmp_path, capsys):
+    data = write_json(tmp_path / "data.json", [good_record(0)])
+    with pytest.raises(SystemExit) as err:
+        run_cli("--input_glob", data, "--output_file", tmp_path / "x.mindrecord", "--pack", "maybe")
+    assert err.value.code == 2
+    assert "--pack" in capsys.readouterr().err

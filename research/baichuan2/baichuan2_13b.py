@@ -44,8 +44,13 @@ class Baichuan13BV2Model(Baichuan2Model):
         # records (seq_length + 1 tokens).
         self.alibi_positions = Tensor(np.arange(config.seq_length + 1, dtype=np.float32))
 
-    def _position_inputs(self, seq_len, position, key_positions):
-        """ALiBi bias: (1, H, S, S) for a full forward, (B, H, 1, T) for a decode step."""
+    def _position_inputs(self, seq_len, position, key_positions, position_ids=None):
+        """ALiBi bias: (1, H, S, S) for a full forward, (B, H, S, S) for packed rows, whose distances
+        ``position_ids[j] - position_ids[i]`` restart with each conversation, (B, H, 1, T) for a decode step."""
+        if position is None and position_ids is not None:
+            positions = position_ids.astype(mstype.float32)
+            distance = positions.reshape(-1, 1, 1, seq_len) - positions.reshape(-1, 1, seq_len, 1)  # (B, 1, S, S)
+            return None, self.alibi_slopes * distance
         if position is None:
             keys = self.alibi_positions[:seq_len]
             distance = keys.reshape(1, -1) - keys.reshape(-1, 1)                             # (S, S): j - i

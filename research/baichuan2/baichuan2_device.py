@@ -32,6 +32,8 @@ class DeviceCapabilities:
         operator_parallel: semi-auto/auto parallel (model parallel) can compile.
         pipeline_parallel: pipeline stages can compile.
         half_precision_matmul: fp16/bf16 matmuls are fast and accurate enough to be the default.
+        varlen_flash_attention: ``FlashAttentionScore`` takes the variable-length (TND layout,
+            ``actual_seq_qlen`` / ``actual_seq_kvlen``) form used for packed rows.
     """
     device_target: str
     fused_rms_norm: bool
@@ -40,13 +42,19 @@ class DeviceCapabilities:
     operator_parallel: bool
     pipeline_parallel: bool
     half_precision_matmul: bool
+    varlen_flash_attention: bool = False
 
 
 _TABLE = {
-    "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True),
+    "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True, varlen_flash_attention=True),
     "GPU": DeviceCapabilities("GPU", False, False, False, True, True, True),
     "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False),
 }
+
+
+def memory_is_host_ram(device_target=None):
+    """Whether a run on ``device_target`` keeps its tensors in host RAM (CPU) rather than device memory."""
+    return device_capabilities(device_target).device_target == "CPU"
 
 
 def device_capabilities(device_target=None):
@@ -76,6 +84,17 @@ def use_flash_attention(requested, use_past):
     return bool(requested and caps.flash_attention and not use_past)
 
 
+def use_varlen_flash_attention(requested, packed, use_past=False):
+    """Variable-length flash attention (TND layout, one kernel call over all packed conversations) for
+    packed rows (``position_ids`` given) on a device that has it, when flash attention is requested.
+
+    Elsewhere packed rows take the path unpacked rows take (Ascend's BNSD flash attention or the
+    portable attention) with the block-diagonal causal mask, which is the same math.
+    """
+    caps = device_capabilities()
+    return bool(requested and packed and caps.varlen_flash_attention and not use_past)
+
+
 def check_parallel_supported(model_parallel, pipeline_stage):
     """Raise a plain error if the requested parallelism cannot compile on this device."""
     caps = device_capabilities()
@@ -87,3 +106,26 @@ def check_parallel_supported(model_parallel, pipeline_stage):
         raise ValueError(f"parallel_config.pipeline_stage={pipeline_stage} needs pipeline parallel, which "
                          f"MindSpore's {caps.device_target} backend does not support. "
                          "Set pipeline_stage: 1 or run on Ascend.")
+
+
+def check_device_available(device_target):
+    """Raise a plain error if ``device_target`` (None: CPU) does not exist in this machine/MindSpore build."""
+    target = device_target or "CPU"
+    if target != "CPU" and not ms.hal.is_available(target):
+        raise ValueError(f"context.device_target is {target}, which this machine/MindSpore build does not have; "
+                         "pass --device_target CPU (or run on an Ascend host).")
+
+
+def parallel_inference_supported(device_target):
+    """Whether ``use_parallel`` inference (the model sharded over cards) can run on ``device_target``.
+
+    Refused where operator parallel cannot compile (CPU); an unset target is left to MindSpore.
+    """
+    caps = _TABLE.get(device_target)
+    return caps is None or caps.operator_parallel
+
+
+def needs_portable_training_ops(device_target=None):
+    """Whether the training paths need the portable overflow check and barrier (no NPUGetFloatStatusV2 /
+    Barrier kernels: MindSpore's CPU backend)."""
+    return device_capabilities(device_target).device_target == "CPU"

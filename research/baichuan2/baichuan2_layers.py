@@ -13,6 +13,13 @@ decode step writes one column per row at that row's own position, so right-padde
 different prompt lengths decode exactly as each prompt alone, and attends over the first W slots
 only, a window that holds every row's context (``baichuan2_generation.decode_window``).
 
+Packed rows (several conversations per row, ``belle_preprocess.py --pack True``) come with
+``position_ids`` that restart at 0 at each conversation (see ``baichuan2_packing``). The model then
+attends only within a conversation (block-diagonal causal mask, ``segment = cumsum(position_ids == 0)``),
+takes RoPE/ALiBi positions from ``position_ids`` and never trains a target whose position id is 0, so
+every token of a packed row gets the logits and the loss it gets alone. Without ``position_ids`` the
+model is exactly the unpacked one.
+
 Shapes: B batch, S query length, T key length (S during a full forward, the window W when decoding
 from the cache), H heads, D head dim, h hidden size, V vocabulary.
 """
@@ -29,7 +36,7 @@ from mindformers.models.llama.llama import LlamaPreTrainedModel
 from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForward, LlamaRMSNorm
 from mindformers.modules.layers import Linear
 
-from baichuan2_device import use_fused_rms_norm, use_flash_attention
+from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention
 from baichuan2_generation import Baichuan2GenerationMixin
 
 # Masked attention scores get this value instead of -inf, so that a row with no visible key
@@ -115,10 +122,14 @@ class Baichuan2Attention(nn.Cell):
             other full forwards (training, evaluation), which leave the cache alone.
         cache_rows: (B,) int32 cache rows that a prefill of B prompts writes (see ``KVCache.prefill``);
             None writes rows 0..B-1 of a cache of batch B.
+        seq_ends: packed rows on Ascend's variable-length flash attention only: (N,) int64 end offsets
+            of the N conversations in the flattened (B * S) token axis (``Baichuan2Model._seq_ends``).
     Output: (B, S, h).
+
+    ``use_rope``: build the rotary application (7B); 13B (ALiBi) has none.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, use_rope=False):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_heads
@@ -146,14 +157,17 @@ class Baichuan2Attention(nn.Cell):
         if self.use_past:
             self.kvcache_mgr = KVCache(config.batch_size, self.num_heads, config.seq_length, self.head_dim,
                                        config.compute_dtype)
-        from mindformers.modules.layers import RotaryEmbedding  # pylint: disable=import-outside-toplevel
-        self.apply_rotary_emb = RotaryEmbedding(self.head_dim, config.rotary_dtype, use_rope_slice=True)
+        self.apply_rotary_emb = None
+        if use_rope:
+            from mindformers.modules.layers import RotaryEmbedding  # pylint: disable=import-outside-toplevel
+            self.apply_rotary_emb = RotaryEmbedding(self.head_dim, config.rotary_dtype, use_rope_slice=True)
 
     def _split_heads(self, x):
         batch, seq, _ = x.shape
         return x.reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None, cache_rows=None):
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None, cache_rows=None,
+                  seq_ends=None):
         batch, seq, _ = x.shape
         query = self._split_heads(self.wq(x))
         key = self._split_heads(self.wk(x))
@@ -166,7 +180,9 @@ class Baichuan2Attention(nn.Cell):
             elif write_cache is not None:
                 self.kvcache_mgr.prefill(key, value, write_cache, cache_rows)
 
-        if self.use_flash_attention:
+        if seq_ends is not None:
+            context = self._varlen_flash_attention(query, key, value, seq_ends)
+        elif self.use_flash_attention:
             context = self._flash_attention(query, key, value, keep, bias)
         else:
             context = self._attention(query, key, value, keep, bias)
@@ -198,10 +214,32 @@ class Baichuan2Attention(nn.Cell):
                                          attn_mask=hidden, scalar_value=self.scale, input_layout="BNSD")
 
 
+    def _varlen_flash_attention(self, query, key, value, seq_ends):
+        """Ascend ``FlashAttentionScore`` in its variable-length form for packed rows (7B, RoPE).
+
+        The B rows are flattened into one token axis (TND layout, T = B * S); ``seq_ends`` holds the end
+        offset of every conversation in it, so the kernel runs causal attention within each conversation
+        (sparse_mode 3: causal per sequence, with the kernel's compressed 2048 x 2048 lower-triangular
+        mask). This is the block-diagonal causal mask of the portable path without building it.
+        Chosen only on Ascend (``baichuan2_device.use_varlen_flash_attention``) and never with an ALiBi
+        bias; this CPU-built project cannot execute it (the selection logic is unit-tested).
+        """
+        batch, heads, seq, dim = query.shape
+
+        def tnd(x):
+            return x.transpose(0, 2, 1, 3).reshape(batch * seq, heads, dim).astype(self.compute_dtype)
+
+        causal = Tensor(np.triu(np.ones((2048, 2048), np.uint8), 1))
+        context = ops.flash_attention_score(tnd(query), tnd(key), tnd(value), self.num_heads, attn_mask=causal,
+                                            actual_seq_qlen=seq_ends, actual_seq_kvlen=seq_ends,
+                                            scalar_value=self.scale, input_layout="TND", sparse_mode=3)
+        return context.reshape(batch, seq, heads, dim).transpose(0, 2, 1, 3)
+
+
 class Baichuan2DecodeLayer(nn.Cell):
     """Pre-norm block: ``h = x + Attn(RMSNorm(x))``; ``out = h + MLP(RMSNorm(h))``. (B, S, h) -> (B, S, h)."""
 
-    def __init__(self, config, layer_id):
+    def __init__(self, config, layer_id, use_rope=False):
         super().__init__()
         self.layer_id = layer_id
         fused = use_fused_rms_norm(config.fused_rms_norm)
@@ -209,7 +247,7 @@ class Baichuan2DecodeLayer(nn.Cell):
                                            compute_type=config.layernorm_compute_type, fused_kernel=fused)
         self.ffn_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
                                      compute_type=config.layernorm_compute_type, fused_kernel=fused)
-        self.attention = Baichuan2Attention(config)
+        self.attention = Baichuan2Attention(config, use_rope)
         self.feed_forward = LlamaFeedForward(dim=config.hidden_size,
                                              intermediate_size=config.intermediate_size,
                                              hidden_dim=4 * config.hidden_size,
@@ -219,8 +257,10 @@ class Baichuan2DecodeLayer(nn.Cell):
                                              param_init_type=config.param_init_type)
         self.residual_dtype = config.residual_dtype
 
-    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None, cache_rows=None):
-        h = self.attention(self.attention_norm(x), keep, rotary, bias, position, write_cache, cache_rows)
+    def construct(self, x, keep, rotary=None, bias=None, position=None, write_cache=None, cache_rows=None,
+                  seq_ends=None):
+        h = self.attention(self.attention_norm(x), keep, rotary, bias, position, write_cache, cache_rows,
+                           seq_ends)
         h = x.astype(self.residual_dtype) + h.astype(self.residual_dtype)
         out = self.feed_forward(self.ffn_norm(h))
         return h + out.astype(self.residual_dtype)
@@ -284,7 +324,13 @@ class Baichuan2Model(LlamaPreTrainedModel):
     ``seq_length`` slots. Each W compiles its own graph in graph mode. ``cache_rows`` (b,) int32: in a
     prefill of b prompts, the KV-cache rows they are written to, the other rows left as they are
     (continuous batching); None writes rows 0..b-1 of a cache of batch b. Each b compiles its own graph.
+    ``position_ids`` (B, S) int32, full forwards only: packed rows (see the module docstring); None
+    for unpacked rows, whose positions are 0..S-1.
+
+    The embedding behaves as ``padding_idx=pad_token_id`` (Hugging Face Baichuan2): the pad row
+    ``pad_token_id`` (0, also ``<unk>``) is looked up but never receives a gradient.
     """
+    uses_rope = False       # 7B: True (rotary positions); 13B: ALiBi bias
 
     def __init__(self, config):
         super().__init__(config, auto_prefix=True)
@@ -294,6 +340,12 @@ class Baichuan2Model(LlamaPreTrainedModel):
         self.seq_length = config.seq_length
         self.use_past = config.use_past
         self.is_first_iteration = True
+        self.pad_token_id = config.pad_token_id
+        # Packed rows on Ascend: one variable-length (TND) flash-attention call per layer over all the
+        # conversations. RoPE only: ALiBi's bias (13B) is not taken in that layout, so 13B packed rows use
+        # the BNSD kernel with the block mask.
+        self.use_varlen_flash_attention = use_varlen_flash_attention(config.use_flash_attention, True,
+                                                                     config.use_past) and self.uses_rope
         self.tok_embeddings = LlamaEmbedding(config.vocab_size, config.hidden_size,
                                              init_method_std=config.init_method_std,
                                              param_init_type=config.embedding_init_type)
@@ -301,7 +353,7 @@ class Baichuan2Model(LlamaPreTrainedModel):
         pipeline_stages = config.parallel_config.pipeline_stage
         recompute = config.parallel_config.recompute
         for layer_id in range(config.num_layers):
-            layer = Baichuan2DecodeLayer(config, layer_id)
+            layer = Baichuan2DecodeLayer(config, layer_id, self.uses_rope)
             if pipeline_stages > 1:
                 from baichuan2_parallel import layer_to_stage  # pylint: disable=import-outside-toplevel
                 layer.pipeline_stage = layer_to_stage(layer_id, config.num_layers, pipeline_stages, config.offset)
@@ -317,13 +369,40 @@ class Baichuan2Model(LlamaPreTrainedModel):
         # Key positions 0..seq_length-1, used to build decode-step masks.
         self.key_positions = Tensor(np.arange(config.seq_length, dtype=np.int32))
 
-    def _position_inputs(self, seq_len, position, key_positions):
+    def _position_inputs(self, seq_len, position, key_positions, position_ids=None):
         """Return ``(rotary, bias)`` for a full forward (``position`` None) or a decode step whose
-        keys sit at ``key_positions`` (T,) int32."""
+        keys sit at ``key_positions`` (T,) int32. A full forward of packed rows takes each token's
+        position from ``position_ids`` (B, S) int32 (restarting at 0 per conversation)."""
         raise NotImplementedError
 
-    def construct(self, tokens, batch_valid_length=None, key_positions=None, cache_rows=None):
-        hidden = self.tok_embeddings(tokens).astype(self.config.compute_dtype)
+    @staticmethod
+    def _packed_keep(position_ids):
+        """Block-diagonal causal mask (B, 1, S, S) bool of packed rows: ``keep[i, j] = j <= i and
+        segment[i] == segment[j]`` with ``segment = cumsum(position_ids == 0)`` (one per conversation;
+        every pad token, position id 0, is a segment of its own)."""
+        seq_len = position_ids.shape[1]
+        segment = ops.cumsum((position_ids == 0).astype(mstype.int32), axis=1)                  # (B, S)
+        same = segment.reshape(-1, 1, seq_len, 1) == segment.reshape(-1, 1, 1, seq_len)       # (B, 1, S, S)
+        causal = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
+        return ops.logical_and(same, causal)
+
+    @staticmethod
+    def _seq_ends(position_ids):
+        """End offsets (N,) int64 of the N conversations (pads included, one each) of packed rows in the
+        flattened (B * S) token axis: the ``actual_seq_qlen`` of variable-length flash attention.
+        Dynamic shape (N depends on the data): Ascend graph mode only."""
+        batch, seq_len = position_ids.shape
+        starts = (position_ids == 0).astype(mstype.int32)
+        # A token ends a conversation when the next one starts a new one, or it ends its row.
+        next_starts = ops.concat([starts[:, 1:], ops.ones((batch, 1), mstype.int32)], axis=1)
+        ends = ops.nonzero(next_starts.reshape(-1)).reshape(-1) + 1
+        return ends.astype(mstype.int64)
+
+    def construct(self, tokens, batch_valid_length=None, key_positions=None, cache_rows=None, position_ids=None):
+        embedded = self.tok_embeddings(tokens)
+        # padding_idx: the pad row's lookups carry no gradient (a (B, S, h) select, not a V x h op).
+        is_pad = (tokens == self.pad_token_id).reshape(tokens.shape + (1,))
+        hidden = ops.where(is_pad, ops.stop_gradient(embedded), embedded).astype(self.config.compute_dtype)
         seq_len = tokens.shape[1]
         if self.use_past and not self.is_first_iteration:
             if key_positions is None:
@@ -331,32 +410,48 @@ class Baichuan2Model(LlamaPreTrainedModel):
             position = (batch_valid_length - 1).astype(mstype.int32)                    # (B,)
             keep = key_positions.reshape(1, -1) <= position.reshape(-1, 1)               # (B, T)
             keep = keep.reshape(keep.shape[0], 1, 1, -1)                                 # (B, 1, 1, T)
+        elif position_ids is not None:
+            position = None
+            keep = self._packed_keep(position_ids)                                       # (B, 1, S, S)
         else:
             position = None
             keep = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
-        rotary, bias = self._position_inputs(seq_len, position, key_positions)
+        rotary, bias = self._position_inputs(seq_len, position, key_positions, position_ids)
+        seq_ends = None
+        if position_ids is not None and self.use_varlen_flash_attention:
+            seq_ends = self._seq_ends(position_ids)
         write_cache = None      # prefill: (B, 1, S, 1) mask of each row's valid positions
         if self.use_past and position is None and batch_valid_length is not None:
             valid = self.key_positions[:seq_len].reshape(1, -1) < batch_valid_length.reshape(-1, 1)
             write_cache = valid.astype(self.config.compute_dtype).reshape(-1, 1, seq_len, 1)
         for layer in self.layers:
-            hidden = layer(hidden, keep, rotary, bias, position, write_cache, cache_rows)
+            hidden = layer(hidden, keep, rotary, bias, position, write_cache, cache_rows, seq_ends)
         return self.norm_out(hidden)
 
 
 class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
     """Causal LM head, loss and generation around a ``Baichuan2Model`` subclass.
 
-    ``construct(input_ids, labels=None, ..., batch_valid_length=None)``:
-      * training: ``input_ids`` (B, S+1); predicts ``input_ids[:, 1:]`` (or ``labels[:, 1:]``) from
-        ``input_ids[:, :S]``; positions whose input is pad or whose label is ``ignore_token_id`` do
-        not count. Returns the mean loss (fp32 scalar).
+    ``construct(input_ids, labels=None, ..., position_ids=None, ..., batch_valid_length=None)``:
+      * training: ``input_ids`` (B, S+1); predicts ``labels[:, 1:]`` (or, without labels,
+        ``input_ids[:, 1:]``) from ``input_ids[:, :S]``. Which targets count, as the official model
+        (Hugging Face Baichuan2: ``CrossEntropyLoss(ignore_index=-100)`` on the labels): with labels,
+        every target whose label is not ``ignore_token_id`` (the pad id 0 is also ``<unk>``, a real
+        token); without labels (continued pre-training), every target whose input is not pad.
+        Returns the mean loss over those targets (fp32 scalar).
+      * ``position_ids`` (B, S+1) int32 in training, (B, S) in evaluation: the rows are packed
+        (``belle_preprocess.py --pack True``): attention stays within each conversation, positions
+        restart with it, and a target whose position id is 0 (a conversation's first token, or
+        padding) is never counted, so nothing is predicted across a boundary. This changes the
+        semantics of the batch; None (the default) is one sequence per row, exactly as before.
       * inference with ``batch_valid_length`` (B,): fp32 logits (B, V) of each row's last valid
         token (prefill, into the cache rows ``cache_rows`` (B,) if given) or of the decoded token
         (decode step, reading the cache slots ``key_positions`` (W,) if given; see ``Baichuan2Model``).
       * evaluation without it: ``(logits (B, S, V) fp32, tokens (B, S), input_mask (B, S))`` as in
-        MindFormers, for the perplexity metric; ``input_mask`` is 0 on pad inputs and, when ``labels``
-        are given, where the label is ``ignore_token_id``.
+        MindFormers, for the perplexity metric (it predicts ``tokens[:, 1:]`` where ``input_mask[:, 1:]``
+        is set); ``input_mask`` is 0 where the label is ``ignore_token_id`` (with labels) or on pad
+        inputs (without), and, for packed rows, where the position id is 0, so packed and unpacked
+        data give the same perplexity.
     """
     model_class = None
 
@@ -387,11 +482,18 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
     def construct(self, input_ids, labels=None, input_position=None, position_ids=None, attention_mask=None,
                   input_embeds=None, init_reset=None, batch_valid_length=None, key_positions=None, cache_rows=None):
         batch, seq = input_ids.shape
+        if batch_valid_length is not None:
+            position_ids = None         # generation (prefill/decode) is one prompt per row
+        target_positions = None         # packed rows: position id of each predicted token
         if self.training:
             tokens = input_ids[:, :seq - 1]
+            if position_ids is not None:
+                target_positions = position_ids[:, 1:]
+                position_ids = position_ids[:, :seq - 1]
         else:
             tokens = input_ids
-        hidden = self.model(tokens, batch_valid_length, key_positions, cache_rows)
+            target_positions = position_ids
+        hidden = self.model(tokens, batch_valid_length, key_positions, cache_rows, position_ids)
         if not self.training and batch_valid_length is not None:
             if self.use_past and not self.is_first_iteration:
                 last = hidden[:, -1]                                                     # (B, h)
@@ -401,11 +503,14 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
                 last = ops.gather_elements(hidden, 1, index).squeeze(1)                   # (B, h)
             return self.lm_head(last)
         logits = self.lm_head(hidden)
-        input_mask = ops.not_equal(tokens, self.pad_token_id).astype(mstype.float32)
         if labels is not None and self.training:
             labels = labels[:, 1:]
         if labels is not None:
-            input_mask = input_mask * ops.not_equal(labels, self.ignore_token_id).astype(mstype.float32)
+            input_mask = ops.not_equal(labels, self.ignore_token_id).astype(mstype.float32)
+        else:
+            input_mask = ops.not_equal(tokens, self.pad_token_id).astype(mstype.float32)
+        if target_positions is not None:
+            input_mask = input_mask * ops.not_equal(target_positions, 0).astype(mstype.float32)
         if not self.training:
             # As MindFormers: the metric shifts itself (predicts tokens[1:] where input_mask[1:] is set).
             return logits, tokens, input_mask

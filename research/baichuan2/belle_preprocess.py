@@ -15,6 +15,13 @@ model to end the previous assistant answer. Any other turn contributes
 ``[assistant_id] + ids`` with labels ``[-100] + ids``. An eos closes the conversation
 (input and label); then the record is cut or padded (input 0, label -100).
 
+``--pack True`` (default False: one conversation per record, as above) packs whole conversations
+into records of ``seq_length + 1`` tokens (best-fit decreasing; a conversation longer than a record is
+truncated as above, never split) and adds a ``position_ids`` column that restarts at 0 at every
+conversation; the first label of each conversation and all padding labels are -100, padding has
+input 0 and position id 0 (see ``baichuan2_packing``). The summary reports rows before/after, the
+packing efficiency (real tokens / record tokens) and how many conversations the records hold.
+
 Bad input stops the run with one error line (file, record, problem) and writes nothing;
 ``--skip_invalid`` skips such files or records instead and counts them.
 """
@@ -29,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from baichuan2_packing import POSITION_IDS, pack_lengths, packed_row, packing_report
 
 IGNORE_INDEX = -100
 HUMAN = "human"
@@ -121,6 +130,7 @@ class Stats:
     tokens: int = 0
     labelled: int = 0
     written_files: List[str] = field(default_factory=list)
+    packing: Optional[dict] = None
 
 
 def expand_inputs(pattern: str) -> List[str]:
@@ -192,6 +202,18 @@ def write_mindrecord(conversations: Sequence[List[dict]], tokenizer, args, stats
         # in the data would become the eos id (the Belle data has none).
         return tokenizer.encode(text, add_special_tokens=False)
 
+    examples = []
+    # disable=None: a bar on a terminal, none in logs and pipes.
+    for conversation in tqdm(conversations, desc="belle_preprocess", unit="conv", file=sys.stderr, disable=None):
+        input_ids, labels = build_conversation(conversation, encode, **role_ids)
+        stats.truncated += len(input_ids) > length
+        examples.append((input_ids[:length], labels[:length]))
+    stats.tokens = sum(len(ids) for ids, _ in examples)
+    records = list(_records(examples, length, tokenizer.pad_token_id, args.pack, stats))
+    schema = {"input_ids": {"type": "int32", "shape": [-1]}, "labels": {"type": "int32", "shape": [-1]}}
+    if args.pack:
+        schema[POSITION_IDS] = {"type": "int32", "shape": [-1]}
+
     out_dir = os.path.dirname(os.path.abspath(args.output_file))
     os.makedirs(out_dir, exist_ok=True)
     # Same directory (so the final rename is cheap and atomic per file) and same base name
@@ -200,31 +222,41 @@ def write_mindrecord(conversations: Sequence[List[dict]], tokenizer, args, stats
     try:
         writer = FileWriter(os.path.join(tmp_dir, os.path.basename(args.output_file)),
                             shard_num=args.file_partition, overwrite=True)
-        writer.add_schema({"input_ids": {"type": "int32", "shape": [-1]},
-                           "labels": {"type": "int32", "shape": [-1]}}, args.mindrecord_schema)
-        batch = []
-        # disable=None: a bar on a terminal, none in logs and pipes.
-        for conversation in tqdm(conversations, desc="belle_preprocess", unit="conv",
-                                 file=sys.stderr, disable=None):
-            input_ids, labels = build_conversation(conversation, encode, **role_ids)
-            stats.truncated += len(input_ids) > length
-            stats.tokens += min(len(input_ids), length)
-            input_ids, labels = pad_or_truncate(input_ids, labels, length, tokenizer.pad_token_id)
-            stats.labelled += sum(label != IGNORE_INDEX for label in labels)
-            batch.append({"input_ids": np.asarray(input_ids, dtype=np.int32),
-                          "labels": np.asarray(labels, dtype=np.int32)})
-            if len(batch) >= _WRITE_BATCH:
-                writer.write_raw_data(batch)
-                batch = []
-        if batch:
-            writer.write_raw_data(batch)
+        writer.add_schema(schema, args.mindrecord_schema)
+        for start in range(0, len(records), _WRITE_BATCH):
+            writer.write_raw_data(records[start:start + _WRITE_BATCH])
         writer.commit()
-        stats.records = len(conversations)
+        stats.records = len(records)
         for target in output_files(args.output_file, args.file_partition):
             os.replace(os.path.join(tmp_dir, os.path.basename(target)), target)
             stats.written_files.append(target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _records(examples, length, pad_token_id, pack, stats):
+    """MindRecord rows: one per conversation, or packed rows with ``position_ids`` (``pack``)."""
+    if not pack:
+        for input_ids, labels in examples:
+            input_ids, labels = pad_or_truncate(input_ids, labels, length, pad_token_id)
+            stats.labelled += sum(label != IGNORE_INDEX for label in labels)
+            yield {"input_ids": np.asarray(input_ids, dtype=np.int32), "labels": np.asarray(labels, dtype=np.int32)}
+        return
+    lengths = [len(ids) for ids, _ in examples]
+    rows = pack_lengths(lengths, length)
+    stats.packing = packing_report(rows, lengths, length)
+    for row in rows:
+        input_ids, labels, position_ids = packed_row([examples[i] for i in row], length, pad_token_id)
+        stats.labelled += int((labels != IGNORE_INDEX).sum())
+        yield {"input_ids": input_ids, "labels": labels, POSITION_IDS: position_ids}
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
 # ----- command line ------------------------------------------------------------------------
@@ -238,6 +270,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--file_partition", type=int, default=1,
                         help="number of MindRecord shards (>1 appends 0..N-1 to the file name)")
     parser.add_argument("--seq_length", type=int, default=512, help="records are seq_length + 1 long")
+    parser.add_argument("--pack", type=_bool, default=False, metavar="{True,False}",
+                        help="pack whole conversations into each record and write position_ids "
+                             "(default False: one conversation per record)")
     parser.add_argument("--skip_invalid", action="store_true",
                         help="skip bad files/records (counted in the summary) instead of failing")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -274,18 +309,26 @@ def summary(stats: Stats) -> str:
              f"  records written: {stats.records}, skipped: {stats.skipped_records}, "
              f"truncated: {stats.truncated}",
              f"  tokens (without padding): {stats.tokens}, with a label: {stats.labelled} ({share:.1%})",
-             "  output: " + ", ".join(p for p in stats.written_files if not p.endswith(".db"))]
+             ]
+    if stats.packing is not None:
+        pack = stats.packing
+        lines += [f"  packing: {pack['rows_before']} conversations -> {pack['rows_after']} rows, "
+                  f"efficiency (real tokens / row tokens) {pack['efficiency_before']:.1%} -> "
+                  f"{pack['efficiency_after']:.1%}",
+                  "  conversations per row: " + ", ".join(f"{k}: {v} rows"
+                                                         for k, v in pack["conversations_per_row"].items())]
+    lines += ["  output: " + ", ".join(p for p in stats.written_files if not p.endswith(".db"))]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    """CLI entry point; bad input ends with one ``error:`` line on stderr and exit code 2."""
+    """CLI entry point; bad input ends with one ``belle_preprocess.py: error:`` line on stderr and exit code 2."""
+    from baichuan2_cli import fail  # pylint: disable=import-outside-toplevel
     args = parse_args(argv)
     try:
         stats = run(args)
-    except (InvalidInputError, FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    except (ValueError, OSError) as err:          # InvalidInputError is a ValueError
+        raise SystemExit(fail("belle_preprocess.py", err)) from err
     print(summary(stats))
     return 0
 

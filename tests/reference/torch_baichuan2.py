@@ -10,6 +10,14 @@ than the fp32 model under test.
   rotation ``[x1, x2] -> [-x2, x1]``). 13B: ALiBi bias ``slope_h * (j - i)``.
 - MLP: ``down(silu(gate(x)) * up(x))``.
 - NormHead: ``logits = x @ (W / ||W||_row).T``.
+- Embedding: ``padding_idx=0`` as Hugging Face's ``nn.Embedding(vocab, h, padding_idx=0)``: row 0 (pad and
+  ``<unk>``) is looked up as any row but never receives a gradient.
+- Loss (Hugging Face Baichuan2 ``forward``): cross-entropy of ``labels[:, 1:]`` given ``input_ids[:, :-1]``,
+  ``ignore_index=-100``, mean over the counted targets; the labels alone decide what counts. Without labels
+  (continued pre-training) the targets are ``input_ids[:, 1:]`` and pad inputs do not count.
+- Packed rows: ``position_ids`` restart at 0 at each conversation (pads: 0). Conversation k of a row is
+  the run of tokens from one position-0 token up to the next; a token sees only the earlier tokens of its
+  own run, RoPE/ALiBi use ``position_ids``, and a target whose position id is 0 is not counted.
 """
 import math
 
@@ -59,22 +67,40 @@ class TorchBaichuan2:
         rotated = torch.cat([-x2, x1], dim=-1)
         return x * emb.cos() + rotated * emb.sin()
 
-    def hidden_states(self, input_ids, attention_mask=None):
+    @staticmethod
+    def _conversation_of_each_token(position_ids):
+        """(B, S) index of the conversation each token belongs to: a new one starts at every position 0."""
+        conv = torch.zeros_like(position_ids)
+        for b in range(position_ids.shape[0]):
+            current = -1
+            for t in range(position_ids.shape[1]):
+                if int(position_ids[b, t]) == 0:
+                    current += 1
+                conv[b, t] = current
+        return conv
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
         """input_ids (B, S) -> final normed hidden states (B, S, h).
 
         ``attention_mask`` (B, S) of 1/0 hides padded keys and sets positions to cumsum - 1,
-        so left- or right-padded rows equal the unpadded row.
+        so left- or right-padded rows equal the unpadded row. ``position_ids`` (B, S): packed rows
+        (see the module docstring); not combined with ``attention_mask``.
         """
         ids = torch.as_tensor(input_ids, dtype=torch.long)
         batch, seq = ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, seq, dtype=torch.long)
-        attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)          # (B, S)
         causal = torch.tril(torch.ones(seq, seq, dtype=torch.bool))
-        visible = causal[None, None] & attention_mask[:, None, None, :].bool()
+        if position_ids is not None:
+            positions = torch.as_tensor(position_ids, dtype=torch.long)
+            conv = self._conversation_of_each_token(positions)
+            visible = (causal[None] & (conv[:, :, None] == conv[:, None, :]))[:, None]  # (B, 1, S, S)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, seq, dtype=torch.long)
+            attention_mask = torch.as_tensor(attention_mask, dtype=torch.long)
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)          # (B, S)
+            visible = causal[None, None] & attention_mask[:, None, None, :].bool()
         d = self.h // self.heads
-        x = self.w["model.embed_tokens.weight"][ids]
+        x = F.embedding(ids, self.w["model.embed_tokens.weight"], padding_idx=0)
         for i in range(self.layers):
             p = f"model.layers.{i}."
             y = self._rms(x, self.w[p + "input_layernorm.weight"])
@@ -96,18 +122,29 @@ class TorchBaichuan2:
             x = x + mlp @ self.w[p + "mlp.down_proj.weight"].T
         return self._rms(x, self.w["model.norm.weight"])
 
-    def logits(self, input_ids, attention_mask=None):
+    def logits(self, input_ids, attention_mask=None, position_ids=None):
         """(B, S) -> (B, S, V) logits through the row-normalised head."""
         head = F.normalize(self.w["lm_head.weight"], dim=-1)
-        return self.hidden_states(input_ids, attention_mask) @ head.T
+        return self.hidden_states(input_ids, attention_mask, position_ids) @ head.T
 
-    def loss(self, input_ids, labels, pad_token_id=0, ignore_index=-100):
-        """Mean cross-entropy of ``labels[:, 1:]`` given ``input_ids[:, :-1]``; pad inputs and ignored labels excluded."""
+    def loss(self, input_ids, labels=None, position_ids=None, pad_token_id=0, ignore_index=-100):
+        """Mean cross-entropy of ``labels[:, 1:]`` given ``input_ids[:, :-1]`` over the targets whose label
+        is not ``ignore_index``; without labels, of ``input_ids[:, 1:]`` where the input is not pad.
+        ``position_ids`` (B, S+1): packed rows; targets at position 0 are not counted."""
         ids = torch.as_tensor(input_ids, dtype=torch.long)
-        labels = torch.as_tensor(labels, dtype=torch.long)[:, 1:]
         tokens = ids[:, :-1]
-        logits = self.logits(tokens)
-        keep = (tokens != pad_token_id) & (labels != ignore_index)
+        if labels is None:
+            labels = ids[:, 1:]
+            keep = tokens != pad_token_id
+        else:
+            labels = torch.as_tensor(labels, dtype=torch.long)[:, 1:]
+            keep = labels != ignore_index
+        positions = None
+        if position_ids is not None:
+            position_ids = torch.as_tensor(position_ids, dtype=torch.long)
+            positions = position_ids[:, :-1]
+            keep = keep & (position_ids[:, 1:] != 0)
+        logits = self.logits(tokens, position_ids=positions)
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none")
         return (nll * keep.reshape(-1)).sum() / keep.sum()
 
