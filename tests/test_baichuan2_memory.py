@@ -1,0 +1,220 @@
+"""The memory planner: arithmetic, the original's hardware matrix, the CLI, the pre-flight, and the plan
+against the peak RSS measured on this machine's CPU backend (in fresh processes, same test run)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(ROOT, "research", "baichuan2")
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+for path in (PLUGIN, BENCHMARKS):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import baichuan2_memory as mem  # noqa: E402
+from baichuan2_parallel import layer_to_stage  # noqa: E402
+from baichuan2_config import read_yaml_config  # noqa: E402
+
+GIB = mem.GIB
+ATLAS_800 = 31 * GIB          # max_device_memory "31GB" of the Atlas 800 (32 GB) yamls
+ATLAS_800T_A2 = 59 * GIB      # "59GB" of the Atlas 800T A2 (64 GB) yamls
+PLAN_SCRIPT = os.path.join(PLUGIN, "plan_memory.py")
+
+
+def yaml_config(name):
+    return read_yaml_config(os.path.join(PLUGIN, f"run_baichuan2_{name}.yaml"))
+
+
+def plan_yaml(name, run_mode="finetune", device_memory=None, parallel=None, **overrides):
+    config = yaml_config(name)
+    if parallel:
+        config["parallel_config"] = dict(config.parallel_config, **parallel)
+    return mem.plan_from_config(config, run_mode=run_mode, device_memory_bytes=device_memory, **overrides)
+
+
+# ----- arithmetic -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, params", [("7b", 7_505_973_248), ("13b", 13_896_668_160)])
+def test_weights_count_every_parameter_once(name, params):
+    """fp32, one device: weights = 4 bytes x the released parameter count (facts: 7.506e9 / 13.897e9)."""
+    model_config = dict(yaml_config(name).model.model_config, param_init_type="float32")
+    plan = mem.plan(model_config, {}, run_mode="predict", device="Ascend", framework_bytes=0,
+                    use_past=False, device_memory_bytes=2 ** 50)
+    assert plan.parts["weights"] == 4 * params
+
+
+def test_parts_add_up_and_stage_rule_is_the_projects():
+    plan = plan_yaml("7b")
+    assert plan.per_device_bytes == sum(plan.parts.values())
+    for layers, pp in ((32, 2), (40, 4), (40, 2), (5, 3)):
+        assert mem.layers_per_stage(layers, pp) == [
+            sum(1 for l in range(layers) if layer_to_stage(l, layers, pp) == s) for s in range(pp)]
+    assert mem.layers_per_stage(32, 2) == [16, 16] and mem.layers_per_stage(40, 4) == [10] * 4
+
+
+def test_kv_cache_formula():
+    """7B, seq 4096, batch 1, fp16: 32 layers x 2 x 32 heads x 4096 x 128 x 2 bytes = 2 GiB."""
+    plan = plan_yaml("7b_4096_910b", run_mode="predict", use_past=True, batch_size=1)
+    assert plan.parts["KV cache"] == 32 * 2 * 32 * 4096 * 128 * 2 == 2 * GIB
+    assert "KV cache" not in plan_yaml("7b_4096_910b", run_mode="predict", use_past=False).parts
+
+
+def test_lora_trains_only_adapters_and_mp_pp_split():
+    full, lora = plan_yaml("7b_910b"), plan_yaml("7b_lora_910b")
+    # rank 1 on wq/wk/wv: 32 layers x 3 x (4096 + 4096) elements, fp16 gradients and fp32 moments,
+    # both sliced over data_parallel 8 by the parallel optimizer.
+    assert lora.parts["gradients"] == 32 * 3 * 8192 * 2 // 8
+    assert lora.parts["optimizer states (m, v)"] == 2 * 32 * 3 * 8192 * 4 // 8
+    assert full.parts["gradients"] > 1000 * lora.parts["gradients"]
+    one = plan_yaml("13b_910b", parallel={"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1})
+    split = plan_yaml("13b_910b")            # dp1 mp2 pp4: 10 layers per stage, weights / 2
+    assert split.parts["gradients"] < one.parts["gradients"] / 4
+
+
+def test_recompute_and_micro_batches_in_flight():
+    no_recompute = plan_yaml("7b_910b", recompute=False)
+    recompute = plan_yaml("7b_910b", recompute=True)
+    assert no_recompute.parts["activations"] > 5 * recompute.parts["activations"]
+    one = plan_yaml("13b_910b", parallel={"micro_batch_num": 4})
+    assert one.layout["largest_stage"] == 0 and "4 micro batches in flight" in " ".join(one.judgements)
+
+
+# ----- the original's hardware matrix (facts: MindFormers Baichuan2 documentation) --------------------
+
+# (yaml, run_mode, device memory, parallel overrides, expected verdict)
+ORIGINAL_RUNS = [
+    ("7b", "finetune", ATLAS_800, None),             # 7B full fine-tune, 2 x 8 Atlas 800: dp2 mp4 pp2
+    ("13b", "finetune", ATLAS_800, None),            # 13B full fine-tune, 2 x 8 Atlas 800: dp1 mp8 pp2
+    ("7b_910b", "finetune", ATLAS_800T_A2, None),    # 7B full fine-tune, 1 x 8 A2: dp8
+    ("7b_4096_910b", "finetune", 60 * GIB, None),    # 7B seq 4096, flash attention, no recompute
+    ("13b_910b", "finetune", ATLAS_800T_A2, None),   # 13B full fine-tune, 1 x 8 A2: dp1 mp2 pp4
+    ("13b_4096_910b", "finetune", ATLAS_800T_A2, None),
+    ("7b_lora_910b", "finetune", ATLAS_800T_A2, None),
+    ("13b_lora_910b", "finetune", ATLAS_800T_A2, None),
+    ("7b_lora_910b", "finetune", ATLAS_800, None),   # 7B LoRA on one Atlas 800 node (doc: 31GB)
+    ("13b_lora_910b", "finetune", ATLAS_800,         # 13B LoRA on Atlas 800: doc dp2 mp1 pp4 mb4, 31GB
+     {"data_parallel": 2, "model_parallel": 1, "pipeline_stage": 4, "micro_batch_num": 4}),
+    ("7b", "predict", ATLAS_800, {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}),
+    ("7b_910b", "predict", ATLAS_800T_A2, {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}),
+    ("13b_910b", "predict", ATLAS_800T_A2, {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}),
+    ("13b", "predict", ATLAS_800, {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1}),
+]
+
+
+@pytest.mark.parametrize("name, run_mode, memory, parallel", ORIGINAL_RUNS)
+def test_every_layout_the_original_ran_fits(name, run_mode, memory, parallel):
+    plan = plan_yaml(name, run_mode, memory, parallel, use_past=True if run_mode == "predict" else None)
+    assert plan.fits, (name, run_mode, plan.per_device_bytes / GIB, plan.parts)
+
+
+def test_weights_grads_and_moments_beyond_the_device_do_not_fit():
+    """13B on one node of 8 x 32 GB with the A2 layout (dp8): the gathered fp16 weights (25.9 GB) and the
+    moment slices alone exceed 31 GB; the planner says so and names a change that fits."""
+    plan = plan_yaml("13b", "finetune", ATLAS_800,
+                     {"data_parallel": 8, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1})
+    static = plan.parts["weights"] + plan.parts["gradients"] + plan.parts["optimizer states (m, v)"]
+    assert static > ATLAS_800 and not plan.fits
+    assert plan.suggestions and all(s.endswith("GB") for s in plan.suggestions)
+    # Without the parallel optimizer (plain data parallel) even 7B's 15 + 15 + 60 GB cannot fit.
+    plan = plan_yaml("7b", "finetune", ATLAS_800,
+                     {"data_parallel": 8, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1},
+                     parallel_optimizer=False)
+    assert plan.parts["weights"] + plan.parts["gradients"] > ATLAS_800 / 2 and not plan.fits
+
+
+def test_7b_full_finetune_on_one_atlas_800_node_is_within_the_judgement_margin():
+    """The original needs >= 2 Atlas 800 nodes for 7B; with dp8 on one node the planner's margin is smaller
+    than its judgement figures (workspace, logits buffers), so the arithmetic cannot promise one node."""
+    plan = plan_yaml("7b", "finetune", ATLAS_800,
+                     {"data_parallel": 8, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1})
+    judged = plan.parts["framework / workspace"] + plan.parts["logits / loss"]
+    assert abs(plan.margin_bytes) < judged
+    assert not plan_yaml("7b", "finetune", ATLAS_800,
+                         {"data_parallel": 8, "model_parallel": 1, "pipeline_stage": 1, "micro_batch_num": 1},
+                         recompute=False).fits
+
+
+def test_13b_inference_on_one_atlas_800_card_is_the_tight_case():
+    """~26 GB of fp16 weights in 31 GB: the arithmetic leaves a thin margin, which the workspace,
+    graph memory and fragmentation decide (the original used 2 cards)."""
+    plan = plan_yaml("13b", "predict", ATLAS_800, {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1},
+                     use_past=True)
+    assert plan.parts["weights"] > 25 * GIB
+    assert abs(plan.margin_bytes) < 0.15 * ATLAS_800
+
+
+def test_suggestions_fit_when_applied():
+    plan = plan_yaml("7b_4096_910b", "finetune", 40 * GIB)
+    assert not plan.fits and plan.suggestions
+    if any(s.startswith("recompute: True") for s in plan.suggestions):
+        assert plan_yaml("7b_4096_910b", "finetune", 40 * GIB, recompute=True).fits
+
+
+# ----- pre-flight and CLI ---------------------------------------------------------------------------
+
+def test_preflight_names_needed_available_biggest_and_fix():
+    config = yaml_config("13b")
+    config["parallel_config"] = dict(config.parallel_config, data_parallel=8, model_parallel=1, pipeline_stage=1)
+    ok, message = mem.preflight(config, "finetune")
+    assert not ok
+    assert "needs" in message and "31.0 GB available" in message and "biggest:" in message and "try:" in message
+    assert "\n" not in message
+    ok, message = mem.preflight(yaml_config("7b_cpu_tiny"), "finetune", available_bytes=8 * GIB)
+    assert ok and "8.0 GB available" in message and "host RAM" in message
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, PLAN_SCRIPT, *args], capture_output=True, text=True, check=False)
+
+
+def test_cli_json_and_table():
+    result = run_cli("--config", os.path.join(PLUGIN, "run_baichuan2_13b_910b.yaml"), "--run_mode", "finetune",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["fits"] is True and isinstance(out["per_device_bytes"], int)
+    assert out["device_memory_bytes"] == 59 * GIB
+    result = run_cli("--config", os.path.join(PLUGIN, "run_baichuan2_13b.yaml"), "--dp", "8", "--mp", "1",
+                     "--pp", "1", "--device_memory", "32GB")
+    assert result.returncode == 0 and "does not fit" in result.stdout and "judgements" in result.stdout
+
+
+@pytest.mark.parametrize("args", [("--config", "missing.yaml"), ("--config", "x.yaml", "--dp", "0"),
+                                  ("--device_memory", "lots", "--config", "x.yaml"),
+                                  ("--config", os.path.join(PLUGIN, "run_baichuan2_7b.yaml"), "--mp", "3")])
+def test_cli_errors_are_one_line(args):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("plan_memory.py: error: ")
+
+
+# ----- CPU validation: plan against measured peak RSS -----------------------------------------------
+
+TINY = {"vocab": 125696, "hidden": 256, "layers": 1, "heads": 4, "ffn": 768, "seq": 128, "batch": 1}
+SMALL = {"vocab": 125696, "hidden": 512, "layers": 2, "heads": 8, "ffn": 1536, "seq": 256, "batch": 1}
+VALIDATION_CASES = [(SMALL, "finetune"), (TINY, "predict"), (TINY, "predict_cache"), (TINY, "finetune"),
+                    (TINY, "lora"), (SMALL, "lora")]
+
+
+@pytest.fixture(scope="module")
+def measurements():
+    import bench_memory  # pylint: disable=import-outside-toplevel
+    # Two at a time: each process measures its own baseline and peak, so they do not disturb each other.
+    results = bench_memory.run_cases(VALIDATION_CASES, max_parallel=2)
+    print("\n" + bench_memory.table(results))          # shown with pytest -s
+    return results
+
+
+@pytest.mark.parametrize("index", range(len(VALIDATION_CASES)))
+def test_plan_within_15_percent_of_measured_peak(measurements, index):
+    """The issue's bound: |planned - measured| <= 15% of the measured peak anonymous memory (RssAnon)
+    above the baseline the same process measured (MindSpore + MindFormers imported and a toy run of the
+    same case)."""
+    import bench_memory  # pylint: disable=import-outside-toplevel
+    result = measurements[index]
+    assert result["measured_bytes"] > 0.3 * GIB        # memory dominates noise at these shapes
+    assert abs(result["relative_error"]) <= bench_memory.TOLERANCE, bench_memory.table([result])
