@@ -268,7 +268,8 @@ def expected_turn(net, tokenizer, messages):
 def chat_argv(checkpoint, *extra, config=TINY_YAML):
     return [sys.executable, CHAT, "--config", config, "--use_parallel", "False", "--load_checkpoint", checkpoint,
             "--auto_trans_ckpt", "False", "--vocab_file", VOCAB, "--device_target", "CPU",
-            "--max_new_tokens", str(MAX_NEW), "--show_ids", "True", *extra]
+            "--max_new_tokens", str(MAX_NEW), "--show_ids", "True",
+            "--do_sample", "False", "--repetition_penalty", "1.0", *extra]   # greedy, as expected_turn
 
 
 def child_env():
