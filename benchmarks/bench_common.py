@@ -47,6 +47,14 @@ BENCH_SHAPE = {
 }
 PROMPTS = (64, 1024)
 
+# A real-width shape: Baichuan2-7B's hidden size, SwiGLU width, heads and vocabulary, 2 layers only
+# (1.43 G parameters, 5.7 GB fp32). Its kernels are as large as the real model's, so per-kernel
+# launch gaps weigh about as little in a decode step as they do in the real 7B/13B.
+WIDE_SHAPE = dict(BENCH_SHAPE, hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=ffn_size(4096))
+SHAPES = {"bench": BENCH_SHAPE, "wide": WIDE_SHAPE}
+DECODE_BATCH = 4          # batched decode: aggregate tokens/s against batch 1 at the same prompt
+MAX_LOAD = 2.5            # 1-minute load average above which a round counts as disturbed
+
 
 def weight_counts(shape=BENCH_SHAPE):
     """Parameter counts by part (elements): embedding table, decoder layers, final norm, lm_head."""
@@ -55,17 +63,40 @@ def weight_counts(shape=BENCH_SHAPE):
     return {"embedding": v * h, "layers": n * per_layer, "per_layer": per_layer, "norm": h, "lm_head": v * h}
 
 
-def decode_bytes_per_token(shape=BENCH_SHAPE, context=0, cache_slots=None, bytes_per=4):
-    """Bytes one batch-1 decode step must read.
+def total_params(shape=BENCH_SHAPE):
+    counts = weight_counts(shape)
+    return counts["embedding"] + counts["layers"] + counts["norm"] + counts["lm_head"]
 
-    weights: one embedding row, every layer weight, the final norm and the whole lm_head.
-    kv: keys and values of ``context`` positions (``cache_slots`` if the step reads the whole cache).
+
+def decode_bytes_per_token(shape=BENCH_SHAPE, context=0, cache_slots=None, bytes_per=4, batch=1):
+    """Bytes one decode step must read.
+
+    weights: one embedding row per sequence, every layer weight, the final norm and the whole
+    lm_head (read once for the whole batch).
+    kv: keys and values of ``context`` positions (``cache_slots`` if the step reads the whole cache),
+    per sequence of the batch.
     """
     counts = weight_counts(shape)
-    weights = (shape["hidden_size"] + counts["layers"] + counts["norm"] + counts["lm_head"]) * bytes_per
+    weights = (batch * shape["hidden_size"] + counts["layers"] + counts["norm"] + counts["lm_head"]) * bytes_per
     slots = context if cache_slots is None else cache_slots
-    kv = 2 * shape["num_layers"] * slots * shape["hidden_size"] * bytes_per
+    kv = batch * 2 * shape["num_layers"] * slots * shape["hidden_size"] * bytes_per
     return {"weights": weights, "kv": kv}
+
+
+def train_flops_per_token(shape=BENCH_SHAPE, seq=512):
+    """Training FLOPs per token (forward + backward = 3 x forward).
+
+    matmul: 6 x the parameters that enter a matrix product (decoder layers and lm_head; the
+    embedding is a gather and the norms are elementwise, so neither counts).
+    attention: 12 x layers x hidden x seq: the score (Q K^T) and context (P V) products, 2 x 2 x
+    seq x hidden FLOPs per token and layer forward, times 3 for training, counted over the full
+    seq x seq square, which is what the kernels compute (no causal skipping); the causally useful
+    half is ``attention / 2``.
+    """
+    counts = weight_counts(shape)
+    matmul = 6 * (counts["layers"] - shape["num_layers"] * 2 * shape["hidden_size"] + counts["lm_head"])
+    attention = 12 * shape["num_layers"] * shape["hidden_size"] * seq
+    return {"matmul": matmul, "attention": attention, "total": matmul + attention, "causal_factor": 1.0}
 
 
 def peak_rss_mb():

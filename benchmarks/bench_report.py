@@ -5,6 +5,11 @@ MIB = 2 ** 20
 TARGET_SPEEDUP = 1.5          # decode vs transformers
 TARGET_ROOFLINE = 0.70        # decode vs bandwidth roofline
 TARGET_LONG_PROMPT = 1.25     # ms/token at prompt 1024 vs 64
+TARGET_PACKED = 2.0           # fine-tuning real tokens/s, packed vs unpacked, seq 512
+TARGET_GEMM_SHARE = 0.85      # training FLOP/s vs the measured fp32 GEMM peak
+TARGET_WIDE_ROOFLINE = 0.85   # real-width decode vs its roofline
+TARGET_BATCH = 3.0            # batch-4 aggregate decode tokens/s vs batch 1
+PLAIN_HEAD = "lm_head non-MatMul ops (NormHead row norms and their gradients)"
 LABELS = {"ours7b": "Baichuan2 7B-shape (RoPE), ours", "ours13b": "Baichuan2 13B-shape (ALiBi), ours",
           "hf": "transformers LlamaForCausalLM", "mf": "MindFormers LlamaForCausalLM"}
 SHORT = {"ours7b": "ours 7B", "ours13b": "ours 13B", "hf": "transformers", "mf": "MF Llama (no cache)"}
@@ -45,6 +50,19 @@ class Results:
         (the host's bandwidth moves by tens of percent; the highest one is reported beside it)."""
         values = sorted(self.bandwidth_values())
         return values[(len(values) - 1) // 2] if values else None
+
+    def gemm_gflops(self):
+        """The machine's fp32 matrix-multiply peak: the median round's best kernel (GFLOP/s)."""
+        gemm = self.get("gemm")
+        return gemm["best_gflops"] if gemm else None
+
+    def step_roofline(self, shape, prompt, new, window=None, batch=1):
+        """Decode steps/s the bandwidth allows at ``shape`` for a batch (weights read once, KV per row)."""
+        bandwidth = self.bandwidth_gbs()
+        if not bandwidth:
+            return None
+        parts = bc.decode_bytes_per_token(shape, context=prompt + new / 2, cache_slots=window, batch=batch)
+        return bandwidth * 1e9 / (parts["weights"] + parts["kv"])
 
     def roofline(self, prompt=None, new=0, kv_slots=None, bandwidth=None):
         """Tokens/s the bandwidth (GB/s; default the machine's) allows: weights only, or weights + KV at
@@ -124,7 +142,127 @@ def targets(res):
     status = _status(ratio, 1.0)
     rows.append(("ours 7B training tokens/s >= MindFormers Llama", _fmt(ratio, 2, "x"), status,
                  train_why(res) if status.startswith("missed") else ""))
+    rows += new_targets(res)
     return rows
+
+
+def packed_ratio(res, suffix=""):
+    """(packed / unpacked real tokens/s, why-not) of the fine-tuning measurements."""
+    packed, unpacked = res.get(f"finetune-packed{suffix}"), res.get(f"finetune-unpacked{suffix}")
+    if packed and packed.get("available") is False:
+        return None, f"packing not available: {packed.get('reason', '?')}"
+    if not packed or not unpacked:
+        return None, f"failed: {res.error(f'finetune-packed{suffix}') or res.error(f'finetune-unpacked{suffix}')}"
+    return packed["real_tokens_s"] / unpacked["real_tokens_s"], ""
+
+
+def train_share(res, name="train-ours7b"):
+    """(training GFLOP/s, share of the GEMM peak) of a training measurement."""
+    train, peak = res.get(name), res.gemm_gflops()
+    if not train or "train_gflops" not in train or not peak:
+        return None, None
+    return train["train_gflops"], train["train_gflops"] / peak
+
+
+def matmul_share_note(res):
+    """Why training stays below the GEMM peak: the profile's non-MatMul time."""
+    prof = res.get("profile-train-ours7b")
+    if not prof:
+        return "no training profile"
+    cats = prof["categories_ms"]
+    matmul = sum(v for k, v in cats.items() if "MatMul" in k and "non-MatMul" not in k)
+    others = sorted(((k, v) for k, v in cats.items() if not ("MatMul" in k and "non-MatMul" not in k)),
+                    key=lambda kv: -kv[1])[:3]
+    wall = prof["wall_ms"]
+    return (f"MatMul kernels are {100 * matmul / wall:.0f}% of a profiled step ({matmul / 1000:.2f} of "
+            f"{wall / 1000:.2f} s); the rest is " + ", ".join(f"{k} {v / 1000:.2f} s" for k, v in others)
+            + ", which run at memory speed, not at the GEMM peak")
+
+
+def wide_decode(res, prompt, batch=1):
+    name = f"decode-wide-ours7b-p{prompt}" if batch == 1 else f"decode-wide-ours7b-b{batch}-p{prompt}"
+    return res.get(name), name
+
+
+def bench_batch_decode(res, batch):
+    name = f"decode-ours7b-b{batch}-p{bc.PROMPTS[0]}"
+    return res.get(name), name
+
+
+def decode_share(res, result, shape):
+    """Share of the roofline (bandwidth / bytes of a step, the step's own cache window) of a decode result."""
+    if not result:
+        return None
+    roof = res.step_roofline(shape, result["prompt"], result["new_tokens"], _window(result),
+                             result.get("batch", 1))
+    return result["decode_tok_s"] / roof if roof else None
+
+
+def new_targets(res):
+    """Targets of issue #10: packing, training FLOP/s, training memory, real-width and batched decode."""
+    rows = []
+    for suffix, label in (("", "seq"), ("-long", "long sequence")):
+        ratio, why = packed_ratio(res, suffix)
+        seq = (res.get(f"finetune-unpacked{suffix}") or res.get(f"finetune-packed{suffix}") or {}).get("seq")
+        label = f"seq {seq or '?'}" if not suffix else f"long sequence ({seq or '?'})"
+        rows.append((f"fine-tuning real tokens/s, packed >= {TARGET_PACKED:.0f}x unpacked, {label}",
+                     _fmt(ratio, 2, "x"), _status(ratio, TARGET_PACKED), why or packing_why(res, suffix, ratio)))
+    gflops, share = train_share(res)
+    status = _status(share, TARGET_GEMM_SHARE)
+    rows.append((f"ours 7B training FLOP/s >= {TARGET_GEMM_SHARE:.0%} of the fp32 GEMM peak",
+                 "n/a" if share is None else f"{100 * share:.0f}% ({gflops:.0f} of {res.gemm_gflops():.0f} GFLOP/s)",
+                 status, matmul_share_note(res) if status.startswith("missed") else ""))
+    ours, mf = res.get("train-ours7b"), res.get("train-mf")
+    ratio = ours["peak_rss_mb"] / mf["peak_rss_mb"] if ours and mf else None
+    rows.append(("ours 7B training peak RSS <= MindFormers Llama's",
+                 "n/a" if ratio is None else f"{ours['peak_rss_mb']:,.0f} vs {mf['peak_rss_mb']:,.0f} MiB ({ratio:.2f}x)",
+                 _status(ratio, 1.0, False), memory_why(res) if ratio and ratio > 1 else ""))
+    wide = bc.WIDE_SHAPE
+    for prompt in bc.PROMPTS:
+        result, name = wide_decode(res, prompt)
+        share = decode_share(res, result, wide)
+        why = "" if result else f"failed: {res.error(name)}"
+        if result and share is not None and share < TARGET_WIDE_ROOFLINE:
+            why = (f"{result['ms_per_token']:.0f} ms/step vs {1000 * share / result['decode_tok_s']:.0f} ms "
+                   "roofline (bandwidth / bytes a step reads)")
+        rows.append((f"real-width decode (h {wide['hidden_size']}, 2 layers) >= {TARGET_WIDE_ROOFLINE:.0%} of roofline, "
+                     f"prompt {prompt}", _fmt(None if share is None else 100 * share, 0, "%"),
+                     _status(share, TARGET_WIDE_ROOFLINE), why))
+    batch = bc.DECODE_BATCH
+    for label, (one, many, name) in (("bench shape", (res.decode("ours7b", bc.PROMPTS[0]),) + bench_batch_decode(res, batch)),
+                                      ("real-width shape", (wide_decode(res, bc.PROMPTS[0])[0],)
+                                       + wide_decode(res, bc.PROMPTS[0], batch))):
+        ratio = many["aggregate_tok_s"] / one["decode_tok_s"] if one and many else None
+        why = "" if many else f"failed: {res.error(name)}"
+        if ratio is not None and ratio < TARGET_BATCH:
+            why = (f"{one['ms_per_token']:.1f} -> {1000 / many['decode_tok_s']:.1f} ms per step from batch 1 to "
+                   f"{batch}: the step cost grows with the batch (per-row work: KV-cache attention, "
+                   "elementwise ops, NumPy token choice), not only the once-per-step weight read")
+        rows.append((f"batch-{batch} decode aggregate tokens/s >= {TARGET_BATCH:.0f}x batch 1, {label}, prompt "
+                     f"{bc.PROMPTS[0]}", _fmt(ratio, 2, "x"), _status(ratio, TARGET_BATCH), why))
+    return rows
+
+
+def packing_why(res, suffix, ratio):
+    packed, unpacked = res.get(f"finetune-packed{suffix}"), res.get(f"finetune-unpacked{suffix}")
+    if ratio is None or not packed or not unpacked:
+        return ""
+    return (f"records {unpacked['records']} -> {packed['records']}; real tokens per record "
+            f"{unpacked['input_tokens_per_record']:.0f} -> {packed['input_tokens_per_record']:.0f} of "
+            f"{packed['seq']} ({unpacked['fill']:.0%} -> {packed['fill']:.0%} filled); step "
+            f"{unpacked['step_s']:.2f} -> {packed['step_s']:.2f} s")
+
+
+def memory_why(res):
+    ours, mf, plain = res.get("train-ours7b"), res.get("train-mf"), res.get("train-ours7b-plainhead")
+    if not plain:
+        return "no plain-head measurement"
+    head = ours["peak_rss_mb"] - plain["peak_rss_mb"]
+    rest = plain["peak_rss_mb"] - mf["peak_rss_mb"]
+    return (f"NormHead's training path (row norms of the {bc.BENCH_SHAPE['vocab_size']} x "
+            f"{bc.BENCH_SHAPE['hidden_size']} head and their autodiff gradient, weight-sized temporaries) "
+            f"accounts for {head:,.0f} MiB (ours with a plain head: {plain['peak_rss_mb']:,.0f} MiB); "
+            f"the rest of the model {rest:+,.0f} MiB (memory section)")
 
 
 def _window(result):
@@ -322,8 +460,12 @@ def write_report(data, md_path, png_path):
               f"- Threads: {data['threads']} everywhere (torch.set_num_threads, "
               "`mindspore.device_context.cpu.op_tuning.threads_num`, OMP/OpenBLAS/MKL_NUM_THREADS).",
               f"- 1-minute load average when each measurement started: {min(loads):.1f} to {max(loads):.1f} "
-              "(the benchmark itself keeps ~2 runnable threads; much more means other work shared the cores).",
+              "(the benchmark itself keeps ~2 runnable threads; much more means other work shared the cores)"
+              + (f"; rounds repeated above {data['max_load']} (see Rounds and host load)" if data.get("round_log") else "")
+              + ".",
               ""]
+    if data.get("total_s"):
+        lines.insert(-1, f"- Whole run: {data['total_s'] / 60:.0f} min.")
     lines += ["![decode and training throughput](performance.png)", ""]
 
     lines += ["## Targets", "", _table(["target", "measured", "status", "why / note"], targets(res)), ""]
@@ -332,6 +474,9 @@ def write_report(data, md_path, png_path):
     lines += decode_section(res)
     lines += roofline_section(res)
     lines += train_section(res)
+    lines += finetune_section(res)
+    lines += flops_section(res)
+    lines += wide_section(res)
     lines += memory_section(res)
     lines += alibi_section(res)
     lines += ["## Where the time goes (MindSpore profiler)", "",
@@ -344,7 +489,8 @@ def write_report(data, md_path, png_path):
                   ", ".join(f"{k} {v:.1f} ms" for k, v in _profile_lines(prof13)) + "."]
     lines += ["", "### Training step", ""]
     lines += explain_train(res)
-    lines += ["", "## Failed or missing measurements", ""]
+    lines += [""] + rounds_section(data)
+    lines += ["## Failed or missing measurements", ""]
     failed = [(n, r["error"]) for n, r in sorted(data["results"].items()) if "error" in r]
     lines += [f"- `{n}`: {e}" for n, e in failed] or ["None."]
     lines.append("")
@@ -530,8 +676,13 @@ def memory_section(res):
                         ("decode-ours13b-p1024", "decode, ours 13B, prompt 1024"),
                         ("decode-hf-p1024", "decode, transformers, prompt 1024"),
                         ("decode-mf-p1024", "decode, MF Llama (no cache), prompt 1024"),
-                        ("train-ours7b", "training step, ours 7B"), ("train-mf", "training step, MF Llama"),
-                        ("train-hf", "training step, transformers")]:
+                        ("train-ours7b", "training step, ours 7B"),
+                        ("train-ours7b-plainhead", "training step, ours 7B with a plain head (attribution)"),
+                        ("train-mf", "training step, MF Llama"),
+                        ("train-hf", "training step, transformers"),
+                        ("finetune-unpacked-long", "fine-tuning step, ours 7B, long sequence"),
+                        ("decode-wide-ours7b-p1024", "decode, real-width shape, prompt 1024"),
+                        ("decode-wide-ours7b-b4-p64", "decode, real-width shape, batch 4")]:
         r = res.get(name)
         built = r.get("rss_after_build_mb") if r else None
         rows.append((label, _fmt(r["peak_rss_mb"] if r else None, 0), _fmt(built, 0)))
@@ -540,7 +691,134 @@ def memory_section(res):
             f"{params * 16 / MIB:.0f} MiB. Our KV cache: "
             f"{2 * bc.BENCH_SHAPE['num_layers'] * bc.BENCH_SHAPE['seq_length'] * bc.BENCH_SHAPE['hidden_size'] * 4 / MIB:.0f}"
             " MiB. Process peaks include the Python runtime and framework (about 0.6 GB for MindSpore).", "",
-            _table(["process", "peak RSS MiB", "RSS after building the model MiB"], rows), ""]
+            _table(["process", "peak RSS MiB", "RSS after building the model MiB"], rows), ""] + (
+                ["Training, ours against MindFormers Llama: " + memory_why(res) + ".", ""]
+                if res.get("train-ours7b") and res.get("train-mf") else [])
+
+
+def finetune_section(res):
+    """Real tokens/s of fine-tuning on the Belle sample, packed against unpacked."""
+    rows = []
+    for suffix in ("", "-long"):
+        unpacked = res.get(f"finetune-unpacked{suffix}")
+        for kind in ("unpacked", "packed"):
+            name = f"finetune-{kind}{suffix}"
+            r = res.get(name)
+            seq = (r or unpacked or {}).get("seq", "?")
+            if r is None:
+                rows.append((seq, kind, f"failed: {res.error(name)}", "", "", "", "", "", "", ""))
+                continue
+            if r.get("available") is False:
+                rows.append((seq, kind, f"not available ({r.get('reason', '?')})", "", "", "", "", "", "", ""))
+                continue
+            ratio = (r["real_tokens_s"] / unpacked["real_tokens_s"]
+                     if unpacked and unpacked.get("real_tokens_s") else None)
+            rows.append((r["seq"], kind + (" (position_ids passed)" if r.get("position_ids_passed") else ""),
+                         r["records"], f"{r['input_tokens_per_record']:.0f} ({r['fill']:.0%})",
+                         f"{r['label_tokens_per_record']:.0f}", f"{r['step_s']:.2f}",
+                         f"{r['real_tokens_s']:.1f} {_spread(r, 'real_tokens_s', 1)}", f"{r['label_tokens_s']:.1f}",
+                         _fmt(ratio, 2, "x"), f"{r['peak_rss_mb']:,.0f}"))
+    return ["## Fine-tuning on the Belle sample: real tokens/s, packed vs unpacked", "",
+            "Ours 7B shape, batch 1, GRAPH mode, `nn.TrainOneStepCell` + `nn.AdamWeightDecay`, on the bundled "
+            "Belle sample (`research/baichuan2/assets/belle_sample.json`, 205 conversations) tokenised with the "
+            "bundled tokenizer by `belle_preprocess.py` (packed: `--pack True`, records carry `position_ids` "
+            "restarting at 0 per conversation, passed to the model as `position_ids=`). Real tokens are the "
+            "inputs that are not padding (label-bearing targets given beside them). Real tokens/s = real tokens "
+            "per record (mean over all records, i.e. one epoch) / median step time; a step costs the same "
+            "whatever its padding, so packing gains exactly its fill.", "",
+            _table(["seq", "data", "records", "real tokens / record (fill)", "label tokens / record", "step s",
+                    "real tokens/s", "label tokens/s", "vs unpacked", "peak RSS MiB"], rows), ""]
+
+
+def flops_section(res):
+    """Training FLOP/s against the fp32 matrix-multiply peak measured in the same run."""
+    gemm = res.get("gemm")
+    if not gemm:
+        return ["## Training FLOP/s against the matrix-multiply peak", "",
+                f"GEMM measurement failed: {res.error('gemm')}", ""]
+    n = gemm["size"]
+    rows = [(f"MindSpore MatMul ({n}^3, GRAPH mode)", _fmt(gemm["mindspore_gflops"], 1)),
+            (f"NumPy (OpenBLAS {gemm.get('numpy_blas', {}).get('kernel', '?')})", _fmt(gemm["numpy_gflops"], 1)),
+            ("torch.mm", _fmt(gemm["torch_gflops"], 1)),
+            ("**peak (best kernel)**", f"**{gemm['best_gflops']:.1f}** {_spread(gemm, 'best_gflops', 1)}")]
+    flops = bc.train_flops_per_token(seq=512)
+    train_rows = []
+    peak = gemm["best_gflops"]
+    for name, label in (("train-ours7b", "ours 7B, random tokens"), ("train-mf", "MindFormers Llama"),
+                        ("finetune-unpacked", "ours 7B, Belle unpacked"), ("finetune-packed", "ours 7B, Belle packed"),
+                        ("finetune-unpacked-long", "ours 7B, Belle unpacked, long"),
+                        ("finetune-packed-long", "ours 7B, Belle packed, long")):
+        r = res.get(name)
+        if not r or "train_gflops" not in r:
+            continue
+        useful = r.get("useful_gflops")
+        train_rows.append((label, r["seq"], f"{r['tokens_s']:.1f}", f"{r['train_gflops']:.1f}",
+                           f"{100 * r['train_gflops'] / peak:.0f}%",
+                           "" if useful is None else f"{useful:.1f} ({100 * useful / peak:.0f}%)"))
+    return ["## Training FLOP/s against the matrix-multiply peak", "",
+            f"Peak: fp32 ({n} x {n}) @ ({n} x {n}), best of {gemm['repetitions']} per kernel, "
+            f"{gemm.get('threads', 2)} threads, measured in every round of this run (GFLOP/s):", "",
+            _table(["kernel", "GFLOP/s"], rows), "",
+            "Training FLOPs per token = 6 x the parameters that enter a matrix product (decoder layers + lm_head, "
+            f"{flops['matmul'] / 6e6:.1f} M; the embedding is a gather) + 12 x layers x hidden x seq for the score "
+            "(Q K^T) and context (P V) products, counted over the full seq x seq square because that is what "
+            "the kernels compute (causal factor 1; the causally useful half is 6 x layers x hidden x seq): "
+            f"{flops['total'] / 1e9:.3f} GFLOP per token at seq 512 ({flops['attention'] / flops['total']:.1%} "
+            "attention). Training FLOP/s counts every position of a step (padding included: the hardware "
+            "computes it); useful FLOP/s counts real tokens only.", "",
+            _table(["measurement", "seq", "tokens/s (all positions)", "training GFLOP/s", "of GEMM peak",
+                    "useful GFLOP/s (of peak)"], train_rows), ""]
+
+
+def wide_section(res):
+    """Decode at the real-width shape and batched decode, against their rooflines."""
+    wide = bc.WIDE_SHAPE
+    counts = bc.weight_counts(wide)
+    weights = bc.decode_bytes_per_token(wide)["weights"]
+    rows = []
+    batch = bc.DECODE_BATCH
+    entries = [("bench", bc.BENCH_SHAPE, 1, p, res.decode("ours7b", p), f"decode-ours7b-p{p}") for p in bc.PROMPTS]
+    entries.append(("bench", bc.BENCH_SHAPE, batch, bc.PROMPTS[0]) + bench_batch_decode(res, batch))
+    entries += [("real width", wide, 1, p) + wide_decode(res, p) for p in bc.PROMPTS]
+    entries.append(("real width", wide, batch, bc.PROMPTS[0]) + wide_decode(res, bc.PROMPTS[0], batch))
+    for label, shape, b, prompt, r, name in entries:
+        if r is None:
+            rows.append((label, b, prompt, f"failed: {res.error(name)}", "", "", "", "", ""))
+            continue
+        roof = res.step_roofline(shape, prompt, r["new_tokens"], _window(r), b)
+        rows.append((label, b, prompt, f"{r['decode_tok_s']:.2f} {_spread(r, 'decode_tok_s', 2)}",
+                     f"{r.get('aggregate_tok_s', r['decode_tok_s']):.2f}", f"{r['ms_per_token']:.1f}",
+                     _fmt(roof, 2), _fmt(100 * r["decode_tok_s"] / roof if roof else None, 0, "%"),
+                     f"{r['peak_rss_mb']:,.0f}"))
+    return ["## Decode at real width and batched decode", "",
+            f"Real-width shape: hidden {wide['hidden_size']}, SwiGLU {wide['intermediate_size']}, "
+            f"{wide['num_heads']} heads, vocab {wide['vocab_size']}, {wide['num_layers']} layers: "
+            f"{bc.total_params(wide) / 1e9:.2f} G parameters ({bc.total_params(wide) * 4 / 2 ** 30:.1f} GiB fp32); a "
+            f"decode step reads {weights / MIB:,.0f} MiB of weights ({counts['lm_head'] * 4 / MIB:,.0f} MiB lm_head), "
+            "so per-kernel launch gaps weigh about as little as in the real 7B/13B. Batch "
+            f"{batch}: {batch} different random prompts of the same length decoded together (ours' "
+            "`generate()` with a batch-4 KV cache). Roofline steps/s = the machine's matrix-vector bandwidth "
+            "/ bytes a step reads: the weights once for the whole batch, plus each row's KV-cache window. "
+            "Aggregate tokens/s = batch x steps/s.", "",
+            _table(["shape", "batch", "prompt", "steps/s (tok/s per sequence)", "aggregate tok/s", "ms/step",
+                    "roofline steps/s", "of roofline", "peak RSS MiB"], rows), ""]
+
+
+def rounds_section(data):
+    log = data.get("round_log") or []
+    if not log:
+        return []
+    rows = [(e["round"], e["attempt"], f"{e['loadavg_start']:.2f}", _fmt(e.get("max_task_loadavg"), 2),
+             ("disturbed, " if e["loaded"] else "") + ("kept" if e["kept"] else "discarded, repeated"))
+            for e in log]
+    flagged = [e for e in log if e["loaded"] and e["kept"]]
+    note = (f"**{len(flagged)} round(s) were kept although the load average exceeded {data.get('max_load')}** "
+            "after the retries: their figures may be low." if flagged else
+            f"Every kept round started at a load average <= {data.get('max_load')}.")
+    return ["## Rounds and host load", "",
+            f"A round is repeated (at most {data.get('round_retries', '?')} times) when the 1-minute load average "
+            f"at its start exceeds {data.get('max_load')} (the benchmark itself keeps ~2 threads busy). " + note, "",
+            _table(["round", "attempt", "load average at start", "highest at a task start", "outcome"], rows), ""]
 
 
 def alibi_section(res):

@@ -4,10 +4,17 @@
 peak RSS of a process is then the peak of that one measurement). Tasks:
 
 * ``bandwidth``: fp32 matrix-vector product (the lm_head's shape) in torch, NumPy and MindSpore.
-* ``decode --impl {ours7b,ours13b,hf,mf}``: batch-1 greedy decoding of ``--new`` tokens after a
-  ``--prompt``-token prompt, ``--reps`` times after a warm-up; decode excludes the prefill.
-* ``train --impl {ours7b,mf,hf}``: forward + backward + AdamW step, ``--steps`` timed steps after
-  ``--warmup`` steps.
+* ``gemm``: fp32 square matrix product (``--size``, 4096 by default) in MindSpore, NumPy and torch,
+  best of several: the machine's matrix-multiply peak that training FLOP/s are judged against.
+* ``decode --impl {ours7b,ours13b,hf,mf}``: greedy decoding of ``--new`` tokens after a
+  ``--prompt``-token prompt (``--batch`` equal prompts; ``--shape bench|wide``), ``--reps`` times
+  after a warm-up; decode excludes the prefill.
+* ``train --impl {ours7b,mf,hf} [--variant plainhead]``: forward + backward + AdamW step, ``--steps``
+  timed steps after ``--warmup`` steps; ``plainhead`` swaps our NormHead for a plain head in that
+  process (memory attribution against MindFormers' Llama).
+* ``finetune [--pack]``: ours 7B fine-tuned on the bundled Belle sample, tokenised by
+  ``belle_preprocess.py`` at ``--seq`` (``--pack True`` when it has that flag); real tokens
+  (non-padding inputs, label-bearing targets) per second.
 * ``profile --impl {ours7b,ours13b,mf} --phase {decode,train}``: MindSpore profiler, per-step
   kernel time by category (decode steps of our model; training steps of ours or MindFormers' Llama).
 """
@@ -23,10 +30,10 @@ import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 # ----------------------------------------------------------------------------------------------------
 # network builders
 
-def ms_config(use_past, batch_size, seq_length, **extra):
-    """MindFormers ``LlamaConfig`` of the bench shape, fp32, portable CPU paths."""
+def ms_config(use_past, batch_size, seq_length, shape=None, **extra):
+    """MindFormers ``LlamaConfig`` of the bench shape (or ``shape``), fp32, portable CPU paths."""
     from mindformers.models import LlamaConfig  # pylint: disable=import-outside-toplevel
-    shape = bc.BENCH_SHAPE
+    shape = shape or bc.BENCH_SHAPE
     kwargs = dict(batch_size=batch_size, seq_length=seq_length, hidden_size=shape["hidden_size"],
                   num_layers=shape["num_layers"], num_heads=shape["num_heads"],
                   intermediate_size=shape["intermediate_size"], vocab_size=shape["vocab_size"],
@@ -39,11 +46,11 @@ def ms_config(use_past, batch_size, seq_length, **extra):
     return LlamaConfig(**kwargs)
 
 
-def build_ours(kind, use_past, batch_size, seq_length):
+def build_ours(kind, use_past, batch_size, seq_length, shape=None):
     import baichuan2_7b  # pylint: disable=import-outside-toplevel
     import baichuan2_13b  # pylint: disable=import-outside-toplevel
     cls = {"ours7b": baichuan2_7b.Baichuan7BV2ForCausalLM, "ours13b": baichuan2_13b.Baichuan13BV2ForCausalLM}[kind]
-    return cls(ms_config(use_past, batch_size, seq_length))
+    return cls(ms_config(use_past, batch_size, seq_length, shape))
 
 
 def decode_window(length, seq_length):
@@ -150,13 +157,60 @@ def numpy_blas_info():
 
 
 # ----------------------------------------------------------------------------------------------------
+# matrix-multiply peak
+
+def task_gemm(args):
+    """fp32 (n x n) @ (n x n) in MindSpore (GRAPH mode MatMul), NumPy and torch: best of ``reps``."""
+    torch = bc.setup_torch()
+    bc.setup_mindspore("graph")
+    from mindspore import nn, ops, Tensor  # pylint: disable=import-outside-toplevel
+    n = args.size
+    reps = 2 if args.quick else 5
+    a = np.random.RandomState(0).standard_normal((n, n)).astype(np.float32)
+    b = np.random.RandomState(1).standard_normal((n, n)).astype(np.float32)
+    flops = 2.0 * n ** 3
+    result = {"task": "gemm", "size": n, "flops": flops, "repetitions": reps}
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return flops / min(times) / 1e9
+
+    class Gemm(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.matmul = ops.MatMul()
+
+        def construct(self, x, y):
+            return self.matmul(x, y)
+
+    net, a_ms, b_ms = Gemm(), Tensor(a), Tensor(b)
+    result["mindspore_gflops"] = best(lambda: net(a_ms, b_ms).asnumpy())
+    result["numpy_gflops"] = best(lambda: a @ b)
+    a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+    with torch.inference_mode():
+        result["torch_gflops"] = best(lambda: torch.mm(a_t, b_t))
+    result["numpy_blas"] = numpy_blas_info()
+    result["torch_threads"] = torch.get_num_threads()
+    result["best_gflops"] = max(result["mindspore_gflops"], result["numpy_gflops"], result["torch_gflops"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
 # decode
 
 def decode_ours(args, ms):
-    net = build_ours(args.impl, True, 1, bc.BENCH_SHAPE["seq_length"])
+    shape = bc.SHAPES[args.shape]
+    net = build_ours(args.impl, True, args.batch, shape["seq_length"], shape)
     net.set_train(False)
     built_rss = bc.current_rss_mb()
-    ids = prompt_ids(args.prompt).tolist()
+    # Batch B: B different prompts of the same length (B = 1: the prompt of every other task).
+    rows = [prompt_ids(args.prompt, seed=row).tolist() for row in range(args.batch)]
+    ids = rows[0] if args.batch == 1 else rows
     kwargs = dict(do_sample=False, eos_token_id=[-1], repetition_penalty=1.0)   # never stops early
     start = time.perf_counter()
     net.generate(ids, max_new_tokens=3, **kwargs)                                # compiles prefill + decode
@@ -165,12 +219,12 @@ def decode_ours(args, ms):
     for _ in range(args.reps):
         streamer = bc.TimingStreamer()
         out = net.generate(ids, max_new_tokens=args.new, streamer=streamer, **kwargs)
-        assert len(out[0]) == args.prompt + args.new, len(out[0])
+        assert len(out) == args.batch and all(len(o) == args.prompt + args.new for o in out), [len(o) for o in out]
         runs.append((streamer.prefill_s(), streamer.step_times()))
     result = bc.summarize_decode(runs, args.prompt, args.new)
     result.update(warmup_s=warmup_s, rss_after_build_mb=built_rss, params=count_params_ms(net),
-                  kv_cache_slots=bc.BENCH_SHAPE["seq_length"],
-                  kv_window_slots=decode_window(args.prompt + args.new, bc.BENCH_SHAPE["seq_length"]),
+                  kv_cache_slots=shape["seq_length"],
+                  kv_window_slots=decode_window(args.prompt + args.new, shape["seq_length"]),
                   mode=ms.get_context("mode"))
     return result
 
@@ -240,20 +294,39 @@ def decode_hf(args, torch):
 
 
 def task_decode(args):
+    if (args.batch != 1 or args.shape != "bench") and not args.impl.startswith("ours"):
+        raise SystemExit("--batch > 1 and --shape wide: ours only")
     if args.impl == "hf":
         result = decode_hf(args, bc.setup_torch())
     else:
         ms = bc.setup_mindspore(args.mode)
         result = decode_ours(args, ms) if args.impl.startswith("ours") else decode_mf(args, ms)
-    result.update(task="decode", impl=args.impl)
+    # decode_tok_s: decode steps per second (tokens/s of each sequence); aggregate: of the batch.
+    result.update(task="decode", impl=args.impl, batch=args.batch, shape_name=args.shape,
+                  shape=bc.SHAPES[args.shape], aggregate_tok_s=args.batch * result["decode_tok_s"])
+    result["prefill_tok_s"] *= args.batch          # the batch's prompts are prefilled together
     return result
 
 
 # ----------------------------------------------------------------------------------------------------
 # training
 
+def use_plain_head():
+    """Memory attribution only: our NormHead replaced by a plain ``x @ W.T`` head (MindFormers
+    Llama's), in this process; the model files are untouched."""
+    import baichuan2_layers  # pylint: disable=import-outside-toplevel
+
+    def construct(self, x):
+        shape = x.shape
+        logits = self.matmul(x.reshape(-1, shape[-1]), self.weight)      # fp32 bench: no casts
+        return logits.reshape(shape[:-1] + (logits.shape[-1],))
+    baichuan2_layers.NormHead.construct = construct
+
+
 def train_ms(args, ms):
     from mindspore import nn, Tensor  # pylint: disable=import-outside-toplevel
+    if args.variant == "plainhead":
+        use_plain_head()
     if args.impl == "mf":
         net = build_mf_llama(args.batch, args.seq)
     else:
@@ -273,7 +346,7 @@ def train_ms(args, ms):
         times.append(time.perf_counter() - start)
         losses.append(loss)
     return {"params": count_params_ms(net), "step_times": times, "losses": losses, "rss_after_build_mb": built_rss,
-            "mode": ms.get_context("mode"), "optimizer": "mindspore.nn.AdamWeightDecay"}
+            "mode": ms.get_context("mode"), "optimizer": "mindspore.nn.AdamWeightDecay", "variant": args.variant}
 
 
 def train_hf(args, torch):
@@ -304,9 +377,129 @@ def task_train(args):
     else:
         result = train_ms(args, bc.setup_mindspore("graph"))
     timed = result["step_times"][args.warmup:]
+    flops = bc.train_flops_per_token(seq=args.seq)
+    tokens_s = args.batch * args.seq / bc.median(timed)
     result.update(task="train", impl=args.impl, batch=args.batch, seq=args.seq, warmup=args.warmup,
                   steps=args.steps, step_s=bc.median(timed), first_step_s=result["step_times"][0],
-                  tokens_s=args.batch * args.seq / bc.median(timed))
+                  tokens_s=tokens_s, flops_per_token=flops, train_gflops=tokens_s * flops["total"] / 1e9)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# fine-tuning on the Belle sample: real tokens/s, packed and unpacked
+
+BELLE = "assets/belle_sample.json"
+TOKENIZER = "assets/tokenizer.model"
+
+
+def pack_flag_available():
+    """True when ``belle_preprocess.py`` has a ``--pack`` option (packing is being added)."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    import os  # pylint: disable=import-outside-toplevel
+    out = subprocess.run([sys.executable, os.path.join(bc.PLUGIN, "belle_preprocess.py"), "--help"],
+                         capture_output=True, text=True, check=False)
+    return "--pack" in out.stdout
+
+
+def belle_records(seq, pack, work_dir):
+    """Records of the bundled Belle sample from ``belle_preprocess.py`` (``--pack True`` if ``pack``):
+    a list of {column: int32 array of seq + 1}."""
+    import os  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    from mindspore.mindrecord import FileReader  # pylint: disable=import-outside-toplevel
+    out = os.path.join(work_dir, f"belle_{seq}_{'packed' if pack else 'unpacked'}.mindrecord")
+    cmd = [sys.executable, os.path.join(bc.PLUGIN, "belle_preprocess.py"),
+           "--input_glob", os.path.join(bc.PLUGIN, BELLE), "--model_file", os.path.join(bc.PLUGIN, TOKENIZER),
+           "--output_file", out, "--seq_length", str(seq), "--overwrite"] + (["--pack", "True"] if pack else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([bc.PLUGIN, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"belle_preprocess failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    reader = FileReader(out)
+    records = [{k: np.asarray(v, dtype=np.int32) for k, v in row.items()} for row in reader.get_next()]
+    reader.close()
+    return records, proc.stdout.strip()
+
+
+def real_tokens(record, pad_token_id=0, ignore=-100):
+    """(inputs that are not padding, targets that carry a label) of one record of seq + 1 ids: the
+    model reads ``input_ids[:seq]`` and predicts ``labels[1:]``."""
+    inputs = int(np.sum(record["input_ids"][:-1] != pad_token_id))
+    labelled = int(np.sum(record["labels"][1:] != ignore))
+    return inputs, labelled
+
+
+def task_finetune(args):
+    """Ours 7B shape, batch 1 x ``--seq``, GRAPH mode, AdamWeightDecay, on the Belle records in order."""
+    import shutil  # pylint: disable=import-outside-toplevel
+    import tempfile  # pylint: disable=import-outside-toplevel
+    result = {"task": "finetune", "impl": "ours7b", "seq": args.seq, "batch": 1, "packed": bool(args.pack),
+              "warmup": args.warmup, "steps": args.steps}
+    if args.pack and not pack_flag_available():
+        result.update(available=False, reason="belle_preprocess.py has no --pack option yet")
+        return result
+    ms = bc.setup_mindspore("graph")
+    from mindspore import nn, Tensor  # pylint: disable=import-outside-toplevel
+    work = tempfile.mkdtemp(prefix="bench_belle_")
+    try:
+        records, summary = belle_records(args.seq, args.pack, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    counts = [real_tokens(r) for r in records]
+    columns = sorted(records[0])
+    use_positions = args.pack and "position_ids" in records[0]
+
+    net = build_ours("ours7b", False, 1, args.seq)
+    net.set_train(True)
+    built_rss = bc.current_rss_mb()
+
+    class WithLabels(nn.Cell):
+        """The loss of ``net`` on (input_ids, labels[, position_ids]); positions by keyword."""
+
+        def __init__(self, network):
+            super().__init__(auto_prefix=False)
+            self.network = network
+
+        def construct(self, input_ids, labels, position_ids=None):
+            if position_ids is None:
+                return self.network(input_ids, labels)
+            return self.network(input_ids, labels, position_ids=position_ids)
+
+    optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-5, weight_decay=0.0)
+    step = nn.TrainOneStepCell(WithLabels(net), optimizer)
+    step.set_train(True)
+    losses, times, used = [], [], []
+    for i in range(args.warmup + args.steps):
+        index = i % len(records)
+        record = records[index]
+        inputs = [Tensor(record["input_ids"].reshape(1, -1)), Tensor(record["labels"].reshape(1, -1))]
+        if use_positions:
+            inputs.append(Tensor(record["position_ids"].reshape(1, -1)))
+        start = time.perf_counter()
+        losses.append(float(step(*inputs).asnumpy()))
+        times.append(time.perf_counter() - start)
+        used.append(index)
+    timed, timed_idx = times[args.warmup:], used[args.warmup:]
+    step_s = bc.median(timed)
+    mean_in = float(np.mean([c[0] for c in counts]))
+    mean_lab = float(np.mean([c[1] for c in counts]))
+    flops = bc.train_flops_per_token(seq=args.seq)
+    result.update(
+        available=True, records=len(records), columns=columns, position_ids_passed=bool(use_positions),
+        preprocess_summary=summary, params=count_params_ms(net), rss_after_build_mb=built_rss,
+        step_times=times, losses=losses, step_s=step_s, first_step_s=times[0],
+        input_tokens_total=int(sum(c[0] for c in counts)), label_tokens_total=int(sum(c[1] for c in counts)),
+        input_tokens_per_record=mean_in, label_tokens_per_record=mean_lab,
+        fill=mean_in / args.seq,
+        # Headline: a whole epoch's real tokens over the time its records take at the median step.
+        real_tokens_s=mean_in / step_s, label_tokens_s=mean_lab / step_s,
+        # The same over the timed steps' own records only.
+        real_tokens_s_timed=sum(counts[i][0] for i in timed_idx) / sum(timed),
+        tokens_s=args.seq / step_s, epoch_s=len(records) * step_s,
+        flops_per_token=flops, train_gflops=args.seq * flops["total"] / step_s / 1e9,
+        useful_gflops=mean_in * flops["total"] / step_s / 1e9, mode=ms.get_context("mode"))
     return result
 
 
@@ -454,7 +647,7 @@ def task_profile(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("task", choices=("bandwidth", "decode", "train", "profile"))
+    parser.add_argument("task", choices=("bandwidth", "gemm", "decode", "train", "finetune", "profile"))
     parser.add_argument("--out", required=True, help="JSON file for the result")
     parser.add_argument("--impl", default="ours7b", choices=("ours7b", "ours13b", "mf", "hf"))
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"), help="MindSpore mode (decode)")
@@ -466,9 +659,15 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--phase", default="decode", choices=("decode", "train"), help="what to profile")
+    parser.add_argument("--shape", default="bench", choices=tuple(bc.SHAPES), help="decode: network shape")
+    parser.add_argument("--size", type=int, default=4096, help="gemm: matrix size")
+    parser.add_argument("--pack", action="store_true", help="finetune: belle_preprocess.py --pack True")
+    parser.add_argument("--variant", default="", choices=("", "plainhead"),
+                        help="train (ours): plainhead = NormHead replaced by a plain head (memory attribution)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    tasks = {"bandwidth": task_bandwidth, "decode": task_decode, "train": task_train, "profile": task_profile}
+    tasks = {"bandwidth": task_bandwidth, "gemm": task_gemm, "decode": task_decode, "train": task_train,
+             "finetune": task_finetune, "profile": task_profile}
     result = tasks[args.task](args)
     result["threads"] = bc.THREADS
     bc.write_result(args.out, result)

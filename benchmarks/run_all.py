@@ -1,19 +1,26 @@
 """Run every benchmark and write ``docs/performance.md`` + ``docs/performance.png``.
 
-    .venv/bin/python benchmarks/run_all.py            # full run (about 15-25 min on 2 cores)
+    .venv/bin/python benchmarks/run_all.py            # full run (about 40 min on a quiet 2-core host)
     .venv/bin/python benchmarks/run_all.py --quick    # smoke run (a few minutes), writes to a temp dir
     .venv/bin/python benchmarks/run_all.py --report-only --out-dir docs   # rebuild doc from performance.json
+    .venv/bin/python benchmarks/run_all.py --quick --tasks 'decode-wide-*' 'finetune-*'   # some tasks only
 
 Each measurement runs in its own subprocess (``bench_tasks.py``), one after the other: MindSpore's
 context is process-global, and the peak RSS of a process is then that of one measurement. Decode and
 training measurements run ``--rounds`` times, interleaved (every task once, then every task again),
 so that ours and its baselines see the same slow and fast phases of a shared host; the median round
-is reported with the spread over rounds. The matrix-vector bandwidth is measured at the start of
-every round and at the end.
+is reported with the spread over rounds. The matrix-vector bandwidth and the matrix-multiply peak are
+measured in every round, the bandwidth also at the end. The most expensive measurements (the
+real-width decode shape, the long-sequence fine-tuning point) run in the first round only.
+
+A round starts only when the host is quiet enough: the 1-minute load average is recorded at each
+round's start; above ``--max-load`` (2.5) the round is repeated, at most ``--round-retries`` times
+(2), after waiting up to a minute for the load to drop; then it is kept and flagged in the report.
 Raw results go to ``<out-dir>/performance.json``; subprocess logs to a temporary folder (printed).
 """
 import argparse
 import datetime
+import fnmatch
 import json
 import os
 import platform
@@ -30,10 +37,20 @@ import bench_report  # noqa: E402  pylint: disable=wrong-import-position
 PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "numpy")
 
 
-def task_list(quick):
+# Run in the first round only (each costs minutes; see the module docstring).
+ONCE = ("decode-ours7b-b4-p64", "decode-wide-ours7b-p64", "decode-wide-ours7b-p1024", "decode-wide-ours7b-b4-p64",
+        "finetune-unpacked", "finetune-packed", "finetune-unpacked-long", "finetune-packed-long",
+        "train-ours7b-plainhead")
+# The long-sequence fine-tuning point: what 24 GB hold for a training step of ours at batch 1 (peak
+# RSS grows ~12.5 MiB per token from 8.1 GB at 64 tokens and 13.7 GB at 512: ~20 GB at 1024; 2048
+# would need ~33 GB). ``--long-seq`` overrides it.
+LONG_SEQ = 1024
+
+
+def task_list(quick, long_seq=None):
     """(name, bench_tasks.py arguments) in the order they run."""
     new, reps = (4, 1) if quick else (32, 5)
-    tasks = [("bandwidth", ["bandwidth"])]
+    tasks = [("bandwidth", ["bandwidth"]), ("gemm", ["gemm", "--size", 1024 if quick else 4096])]
     for prompt in bc.PROMPTS:
         for impl in ("ours7b", "ours13b", "hf"):
             tasks.append((f"decode-{impl}-p{prompt}", ["decode", "--impl", impl, "--prompt", prompt,
@@ -42,10 +59,34 @@ def task_list(quick):
         mf_new, mf_reps = (2, 1) if quick else ((12, 3) if prompt < 512 else (5, 2))
         tasks.append((f"decode-mf-p{prompt}", ["decode", "--impl", "mf", "--prompt", prompt,
                                                "--new", mf_new, "--reps", mf_reps]))
+    batch = bc.DECODE_BATCH
+    tasks.append((f"decode-ours7b-b{batch}-p{bc.PROMPTS[0]}",
+                  ["decode", "--impl", "ours7b", "--prompt", bc.PROMPTS[0], "--batch", batch, "--new", new,
+                   "--reps", reps]))
+    # Real-width shape: a decode step reads 5.7 GB, so fewer tokens (the prefill of 1024 tokens
+    # alone takes ~20 s).
+    wide_new, wide_reps = (3, 1) if quick else (16, 3)
+    for prompt in bc.PROMPTS:
+        tasks.append((f"decode-wide-ours7b-p{prompt}", ["decode", "--shape", "wide", "--impl", "ours7b",
+                                                        "--prompt", prompt, "--new", wide_new,
+                                                        "--reps", wide_reps if prompt < 512 else 2]))
+    tasks.append((f"decode-wide-ours7b-b{batch}-p{bc.PROMPTS[0]}",
+                  ["decode", "--shape", "wide", "--impl", "ours7b", "--prompt", bc.PROMPTS[0], "--batch", batch,
+                   "--new", wide_new, "--reps", wide_reps]))
     seq, warmup, steps = (64, 1, 1) if quick else (512, 2, 4)
     for impl in ("ours7b", "mf", "hf"):
         tasks.append((f"train-{impl}", ["train", "--impl", impl, "--batch", 1, "--seq", seq,
                                         "--warmup", warmup, "--steps", steps]))
+    # Memory attribution: ours with a plain head in place of NormHead (first round only).
+    tasks.append(("train-ours7b-plainhead", ["train", "--impl", "ours7b", "--variant", "plainhead", "--batch", 1,
+                                             "--seq", seq, "--warmup", warmup, "--steps", steps]))
+    long_seq = long_seq or (128 if quick else LONG_SEQ)
+    # The first step compiles; one more warm-up step is enough for these one-round measurements.
+    ft_warmup = 1 if quick else 2
+    for suffix, task_seq, task_steps in (("", seq, steps), ("-long", long_seq, 1 if quick else 2)):
+        for kind in ("unpacked", "packed"):
+            tasks.append((f"finetune-{kind}{suffix}", ["finetune", "--seq", task_seq, "--warmup", ft_warmup,
+                                                       "--steps", task_steps] + (["--pack"] if kind == "packed" else [])))
     for impl in ("ours7b", "ours13b"):
         tasks.append((f"profile-decode-{impl}", ["profile", "--phase", "decode", "--impl", impl, "--prompt", 1024]))
     for impl in ("ours7b", "mf"):
@@ -60,16 +101,17 @@ def task_list(quick):
 
 
 # The figure a round of each kind of task is judged by (higher is better).
-HEADLINE = {"bandwidth": "best_gbs", "decode": "decode_tok_s", "train": "tokens_s"}
+HEADLINE = {"bandwidth": "best_gbs", "gemm": "best_gflops", "decode": "decode_tok_s", "train": "tokens_s",
+            "finetune": "real_tokens_s"}
 
 
 def combine_rounds(rounds, kind):
     """One result from the rounds of a task: the median round by its headline figure, with
     ``<headline>_rounds`` (every round's figure) and ``rounds``; failed rounds are dropped."""
-    good = [r for r in rounds if "error" not in r]
-    if not good:
-        return rounds[-1]
     key = HEADLINE[kind]
+    good = [r for r in rounds if "error" not in r]
+    if not good or not all(key in r for r in good):      # failed, or not available (finetune --pack)
+        return rounds[-1]
     good.sort(key=lambda r: r[key])
     result = dict(good[(len(good) - 1) // 2])
     result[key + "_rounds"] = [r[key] for r in rounds if "error" not in r]
@@ -78,29 +120,65 @@ def combine_rounds(rounds, kind):
     return result
 
 
-def run_tasks(tasks, rounds, log_dir, timeout):
-    """Run ``tasks``: the bandwidth (start of each round), decode and train tasks ``rounds`` times,
-    interleaved; then the profiles and the end-of-run bandwidth once. Returns {name: result}."""
+def wait_for_quiet(max_load, wait_s, poll_s=10.0, sleep=time.sleep, loadavg=os.getloadavg):
+    """Wait up to ``wait_s`` seconds for the 1-minute load average to fall to ``max_load``; return it."""
+    waited = 0.0
+    load = loadavg()[0]
+    while load > max_load and waited < wait_s:
+        sleep(poll_s)
+        waited += poll_s
+        load = loadavg()[0]
+    return load
+
+
+def run_tasks(tasks, rounds, log_dir, timeout, max_load=bc.MAX_LOAD, retries=2, wait_s=60.0, runner=None,
+              loadavg=os.getloadavg, sleep=time.sleep):
+    """Run ``tasks``: the bandwidth, gemm, decode, train and finetune tasks ``rounds`` times, interleaved
+    (``ONCE`` tasks in the first round only); then the profiles and the end-of-run bandwidth once.
+
+    A round whose start load average exceeds ``max_load`` is repeated (at most ``retries`` times);
+    the last attempt is kept and flagged. Returns ({name: result}, round log)."""
     repeated = [(name, args) for name, args in tasks if args[0] in HEADLINE and name != "bandwidth-end"]
     collected = {name: [] for name, _ in repeated}
     results = {}
+    round_log = []
 
     def run(name, task_args, label):
         print(f"[{datetime.datetime.now():%H:%M:%S}] {label} ...", end=" ", flush=True)
-        result = run_task(label, task_args, log_dir, timeout)
+        result = (runner or run_task)(label, task_args, log_dir, timeout)
         print(f"{result['wall_s']:.0f} s" + (f"  ERROR {result['error']}" if "error" in result else ""), flush=True)
         return result
 
     for round_index in range(rounds):
-        for name, task_args in repeated:
-            label = name if rounds == 1 else f"{name}-round{round_index + 1}"
-            collected[name].append(run(name, task_args, label))
+        for attempt in range(retries + 1):
+            load = wait_for_quiet(max_load, wait_s if attempt or round_index else 0.0, sleep=sleep, loadavg=loadavg)
+            loaded = load > max_load
+            print(f"round {round_index + 1}, attempt {attempt + 1}: load average {load:.2f}"
+                  + (f" > {max_load} (disturbed)" if loaded else ""), flush=True)
+            outcome = {}
+            for name, task_args in repeated:
+                if round_index > 0 and name in ONCE:
+                    continue
+                label = name if rounds == 1 else f"{name}-round{round_index + 1}"
+                if attempt:
+                    label += f"-retry{attempt}"
+                outcome[name] = run(name, task_args, label)
+            task_loads = [r["loadavg_start"][0] for r in outcome.values() if r.get("loadavg_start")]
+            kept = not loaded or attempt == retries
+            round_log.append({"round": round_index + 1, "attempt": attempt + 1, "loadavg_start": load,
+                              "max_task_loadavg": max(task_loads) if task_loads else None,
+                              "loaded": loaded, "kept": kept})
+            if kept:
+                for name, result in outcome.items():
+                    result.update(round_loadavg=load, round_loaded=loaded)
+                    collected[name].append(result)
+                break
     for name, task_args in repeated:
         results[name] = combine_rounds(collected[name], task_args[0])
     for name, task_args in tasks:
         if task_args[0] == "profile" or name == "bandwidth-end":
             results[name] = run(name, task_args, name)
-    return results
+    return results, round_log
 
 
 def run_task(name, args, log_dir, timeout):
@@ -178,12 +256,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="short smoke run (numbers not meaningful)")
     parser.add_argument("--out-dir", help="where performance.md/.png/.json go "
                                           "(default: docs/, or a temp dir with --quick)")
-    parser.add_argument("--only", nargs="*", choices=("bandwidth", "decode", "train", "profile"),
+    parser.add_argument("--only", nargs="*", choices=("bandwidth", "gemm", "decode", "train", "finetune", "profile"),
                         help="run only these kinds of task (others are kept from an existing performance.json)")
+    parser.add_argument("--tasks", nargs="*", metavar="PATTERN",
+                        help="run only the tasks whose names match these shell patterns, e.g. 'decode-wide-*' "
+                             "(others are kept from an existing performance.json)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the doc from <out-dir>/performance.json")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per subprocess")
     parser.add_argument("--rounds", type=int, default=None,
                         help="processes per decode/training measurement, interleaved (default 3; 1 with --quick)")
+    parser.add_argument("--long-seq", type=int, default=None,
+                        help=f"sequence length of the long fine-tuning point (default {LONG_SEQ}; 128 with --quick)")
+    parser.add_argument("--max-load", type=float, default=bc.MAX_LOAD,
+                        help="1-minute load average above which a round is repeated")
+    parser.add_argument("--round-retries", type=int, default=None,
+                        help="repeats of a disturbed round before it is kept and flagged (default 2; 0 with --quick)")
     args = parser.parse_args(argv)
 
     out_dir = args.out_dir or (os.path.join(tempfile.gettempdir(), "baichuan2-bench-quick") if args.quick
@@ -191,7 +278,7 @@ def main(argv=None):
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, "performance.json")
     previous = {}
-    if os.path.exists(json_path) and (args.report_only or args.only):
+    if os.path.exists(json_path) and (args.report_only or args.only or args.tasks):
         with open(json_path, encoding="utf-8") as handle:
             previous = json.load(handle)
     if args.report_only:
@@ -204,11 +291,17 @@ def main(argv=None):
         results = dict(previous.get("results", {}))
         started = datetime.datetime.now(datetime.timezone.utc)
         rounds = args.rounds or (1 if args.quick else 3)
-        tasks = [(name, task_args) for name, task_args in task_list(args.quick)
-                 if not args.only or task_args[0] in args.only]
-        results.update(run_tasks(tasks, rounds, log_dir, args.timeout))
+        tasks = [(name, task_args) for name, task_args in task_list(args.quick, args.long_seq)
+                 if (not args.only or task_args[0] in args.only)
+                 and (not args.tasks or any(fnmatch.fnmatch(name, pattern) for pattern in args.tasks))]
+        retries = args.round_retries if args.round_retries is not None else (0 if args.quick else 2)
+        new_results, round_log = run_tasks(tasks, rounds, log_dir, args.timeout, args.max_load, retries)
+        results.update(new_results)
+        finished = datetime.datetime.now(datetime.timezone.utc)
         data = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick, "machine": machine_info(),
-                "threads": bc.THREADS, "shape": bc.BENCH_SHAPE, "results": results, "rounds": rounds,
+                "threads": bc.THREADS, "shape": bc.BENCH_SHAPE, "wide_shape": bc.WIDE_SHAPE, "results": results,
+                "rounds": rounds, "round_log": round_log, "max_load": args.max_load, "round_retries": retries,
+                "total_s": (finished - started).total_seconds(),
                 "command": "python benchmarks/run_all.py" + (" --quick" if args.quick else "")}
         with open(json_path, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=1)
