@@ -25,7 +25,7 @@ Sizes are in bytes; "GB" in ``max_device_memory`` is MindSpore's GiB (2**30), as
 import re
 from dataclasses import dataclass, field
 
-from baichuan2_parallel import layer_to_stage     # pure Python: the pipeline-stage rule
+from baichuan2_parallel import config_value as _get, layer_to_stage     # pure Python: the pipeline-stage rule
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
@@ -83,17 +83,6 @@ class MemoryPlan:
 
 
 # ----- reading config values ----------------------------------------------------------------------
-
-def _get(section, key, default=None):
-    """``section[key]`` for dicts / YamlConfig / MindFormerConfig (a missing or None value gives ``default``)."""
-    if section is None:
-        return default
-    if isinstance(section, dict):
-        value = section.get(key, default)
-    else:
-        value = getattr(section, key, default)
-    return default if value is None else value
-
 
 def _dtype_bytes(name, field_name):
     key = str(name).lower().replace("mstype.", "")

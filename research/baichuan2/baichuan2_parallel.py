@@ -17,7 +17,7 @@ class ParallelConfigError(ValueError):
     """A parallel layout that cannot run with this model, world size or device."""
 
 
-def _get(config, key, default=None):
+def config_value(config, key, default=None):
     """``config[key]`` for dicts and MindFormerConfig, ``config.key`` for other objects; ``default`` if unset."""
     if config is None:
         return default
@@ -75,10 +75,10 @@ def validate_parallel_config(parallel_config, model_config, rank_size, device_ta
     Returns:
         ``(dp, mp, pp, micro_batch_num)``.
     """
-    dp = _positive_int(_get(parallel_config, "data_parallel", 1), "data_parallel")
-    mp = _positive_int(_get(parallel_config, "model_parallel", 1), "model_parallel")
-    pp = _positive_int(_get(parallel_config, "pipeline_stage", 1), "pipeline_stage")
-    micro = _positive_int(_get(parallel_config, "micro_batch_num", 1), "micro_batch_num")
+    dp = _positive_int(config_value(parallel_config, "data_parallel", 1), "data_parallel")
+    mp = _positive_int(config_value(parallel_config, "model_parallel", 1), "model_parallel")
+    pp = _positive_int(config_value(parallel_config, "pipeline_stage", 1), "pipeline_stage")
+    micro = _positive_int(config_value(parallel_config, "micro_batch_num", 1), "micro_batch_num")
     rank_size = int(rank_size)
     layout = f"data_parallel {dp} x model_parallel {mp} x pipeline_stage {pp}"
 
@@ -101,25 +101,25 @@ def validate_parallel_config(parallel_config, model_config, rank_size, device_ta
             f"{layout} = {dp * mp * pp} devices, but RANK_SIZE is {rank_size}: the product must equal "
             "the number of ranks the launcher starts (fix parallel_config or RANK_SIZE)")
 
-    heads = _get(model_config, "num_heads")
+    heads = config_value(model_config, "num_heads")
     if heads is not None and heads % mp:
         raise ParallelConfigError(f"num_heads {heads} is not divisible by model_parallel {mp}")
-    kv_heads = _get(model_config, "n_kv_heads")
+    kv_heads = config_value(model_config, "n_kv_heads")
     if kv_heads is not None and kv_heads % mp:
         raise ParallelConfigError(f"n_kv_heads {kv_heads} is not divisible by model_parallel {mp}")
-    vocab = _get(model_config, "vocab_size")
+    vocab = config_value(model_config, "vocab_size")
     if vocab is not None and vocab % mp:
         raise ParallelConfigError(f"vocab_size {vocab} is not divisible by model_parallel {mp}")
     ffn = ffn_width(model_config)
     if ffn is not None and ffn % mp:
         raise ParallelConfigError(f"FFN width (intermediate_size) {ffn} is not divisible by model_parallel {mp}")
 
-    layers = _get(model_config, "num_layers")
+    layers = config_value(model_config, "num_layers")
     if layers is not None:
         if layers < pp:
             raise ParallelConfigError(f"num_layers {layers} is less than pipeline_stage {pp}: "
                                       "every stage needs at least one layer")
-        offset = _get(model_config, "offset", 0)
+        offset = config_value(model_config, "offset", 0)
         empty = [stage for stage, ids in enumerate(stage_layers(layers, pp, offset)) if not ids]
         if empty:
             raise ParallelConfigError(f"with num_layers {layers}, pipeline_stage {pp} and offset {offset}, "
@@ -134,7 +134,7 @@ def validate_parallel_config(parallel_config, model_config, rank_size, device_ta
         raise ParallelConfigError(f"distributed {run_mode} does not support pipeline parallel "
                                   f"(pipeline_stage {pp}); use pipeline_stage 1")
     if run_mode == "predict":
-        global_batch = _get(model_config, "batch_size", 1)
+        global_batch = config_value(model_config, "batch_size", 1)
         if global_batch % dp:
             raise ParallelConfigError(f"model_config.batch_size {global_batch} (the inference batch) is not "
                                       f"divisible by data_parallel {dp}")
