@@ -12,9 +12,10 @@ like the released one, this script
    the whole dict, so the generator is its own process and its memory is freed when it ends);
 2. converts it with the documented command ``python research/baichuan/convert_weight.py --torch_ckpt_path
    DIR --mindspore_ckpt_path OUT.ckpt`` (fp16 output);
-3. loads the fp16 checkpoint into a network (``load_checkpoint`` + ``load_param_into_net``) when the memory
-   planner's pre-flight says it fits this host, and prints the pre-flight's refusal where it does not (also
-   for 7B in fp32, the precision of Baichuan's own CPU example).
+3. loads the fp16 checkpoint into a network with the inference scripts' path
+   (``baichuan2_inference.load_weights``, which streams a complete ``.ckpt`` tensor by tensor) when the memory
+   planner's pre-flight for that path says it fits this host, and prints the pre-flight's refusal where it
+   does not (also for 7B in fp32, the precision of Baichuan's own CPU example).
 
 Every step runs in a child process whose ``/proc/<pid>/status`` is sampled every 0.2 s: wall time, peak
 ``RssAnon`` (anonymous: tensors, buffers) and ``RssFile`` (file-backed: mapped libraries and files), and the
@@ -144,19 +145,22 @@ def load_model_config(kind, scale, param_dtype):
 
 
 def task_load(kind, scale, ckpt):
-    """Build the fp16 network of ``kind`` and load ``ckpt`` into it (the inference scripts' path)."""
+    """Build the fp16 network of ``kind`` and load ``ckpt`` into it with the inference scripts' path
+    (``baichuan2_inference.load_weights``: the ``.ckpt`` streamed tensor by tensor, every weight required)."""
     sys.path.insert(0, PLUGIN)
+    from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
     import mindspore as ms  # pylint: disable=import-outside-toplevel
     from mindformers.models import LlamaConfig  # pylint: disable=import-outside-toplevel
     import baichuan2_7b  # pylint: disable=import-outside-toplevel
     import baichuan2_13b  # pylint: disable=import-outside-toplevel
+    from baichuan2_ckpt_loader import streams_checkpoint  # pylint: disable=import-outside-toplevel
+    from baichuan2_inference import load_weights  # pylint: disable=import-outside-toplevel
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     cls = baichuan2_7b.Baichuan7BV2ForCausalLM if kind == "7b" else baichuan2_13b.Baichuan13BV2ForCausalLM
     net = cls(LlamaConfig(**load_model_config(kind, scale, "float16")))
-    not_loaded, _ = ms.load_param_into_net(net, ms.load_checkpoint(ckpt))
-    missing = [n for n in not_loaded if not n.endswith(("key_past", "value_past", "inv_norm"))]
-    if missing:
-        raise SystemExit(f"not loaded from {ckpt}: {missing[:5]}")
+    if not streams_checkpoint(ckpt):
+        raise SystemExit(f"{ckpt} is not a complete .ckpt file: load_weights would not stream it")
+    load_weights(SimpleNamespace(load_checkpoint=ckpt, auto_trans_ckpt=False), net)
 
 
 # ----- the parent: run children and sample their memory ---------------------------------------------
@@ -202,12 +206,14 @@ def dir_bytes(path):
 
 
 def loading_preflight(kind, scale, param_dtype, available):
-    """The planner's pre-flight for loading + predicting ``kind`` with ``param_dtype`` weights on this host."""
+    """The planner's pre-flight for streaming a ``.ckpt`` into ``kind`` with ``param_dtype`` weights and
+    predicting, on this host (``load_weights``' path: one tensor in flight, ``CHECKPOINT_STREAM``)."""
     sys.path.insert(0, PLUGIN)
     import baichuan2_memory  # pylint: disable=import-outside-toplevel
     config = {"model": {"model_config": load_model_config(kind, scale, param_dtype)},
               "context": {"device_target": "CPU"}}
-    return baichuan2_memory.preflight(config, "predict", available_bytes=available, load_checkpoint=True)
+    return baichuan2_memory.preflight(config, "predict", available_bytes=available,
+                                      load_checkpoint=baichuan2_memory.CHECKPOINT_STREAM)
 
 
 def bench_model(kind, args):
@@ -228,7 +234,7 @@ def bench_model(kind, args):
     result["load_preflight"] = {"ok": ok, "message": message}
     if ok:
         steps.append(run_sampled([sys.executable, me, "load", "--kind", kind, "--ckpt", ckpt] + scale,
-                                 f"{kind}: load_checkpoint fp16 into the network"))
+                                 f"{kind}: load_weights (streamed .ckpt) fp16 into the network"))
     if not args.keep:
         shutil.rmtree(directory, ignore_errors=True)
         os.remove(ckpt)

@@ -82,6 +82,52 @@ def test_recompute_and_micro_batches_in_flight():
     assert one.layout["largest_stage"] == 0 and "4 micro batches in flight" in " ".join(one.judgements)
 
 
+ONE_CARD = {"data_parallel": 1, "model_parallel": 1, "pipeline_stage": 1}
+
+
+def test_checkpoint_loading_full_copy_or_streamed():
+    """7B chat on a 24 GB CPU host: ``mindspore.load_checkpoint`` holds a full copy of the weights next to the
+    network (``True`` / ``CHECKPOINT_COPY``); the streaming loader one tensor, the fp16 V x h embedding."""
+    def chat(load_checkpoint, **parallel):
+        return plan_yaml("7b_910b", "predict", 24 * GIB, dict(ONE_CARD, **parallel), device="CPU", use_past=True,
+                         load_checkpoint=load_checkpoint)
+    running = chat(False)
+    extras = running.per_device_bytes - running.parts["weights"] - running.parts["framework / workspace"]
+    copy, stream = chat(True), chat(mem.CHECKPOINT_STREAM)
+    assert chat(mem.CHECKPOINT_COPY).parts == copy.parts
+    assert copy.parts["checkpoint being loaded"] == running.parts["weights"] - extras
+    largest = 125696 * 4096 * 2                        # the fp16 embedding (and lm_head): 0.96 GB
+    # The run's other parts (the lm_head norm temporary alone is V x h) exceed it: running is the peak.
+    assert stream.parts["checkpoint being loaded"] == max(0, largest - extras) == 0
+    assert stream.per_device_bytes == running.per_device_bytes and stream.fits and not copy.fits
+    assert "largest single tensor" in " ".join(stream.judgements)
+    # With mp 2 on Ascend the run's head temporary is V/2 x h, while a complete checkpoint's tensor is V x h.
+    split = plan_yaml("13b", "predict", ATLAS_800, {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1},
+                      use_past=True, load_checkpoint=mem.CHECKPOINT_STREAM)
+    split_running = plan_yaml("13b", "predict", ATLAS_800,
+                              {"data_parallel": 1, "model_parallel": 2, "pipeline_stage": 1}, use_past=True)
+    split_extras = split_running.per_device_bytes - split_running.parts["weights"] - \
+        split_running.parts["framework / workspace"]
+    assert split.parts["checkpoint being loaded"] == 125696 * 5120 * 2 - split_extras > 0
+    with pytest.raises(mem.MemoryConfigError, match="load_checkpoint 'lazy'"):
+        chat("lazy")
+
+
+def test_preflight_counts_the_copy_unless_told_the_checkpoint_streams():
+    config = yaml_config("7b_910b")
+    config["parallel_config"] = dict(config.parallel_config, **ONE_CARD)
+    config["load_checkpoint"] = "/path/to/Baichuan2-7B-Chat.ckpt"
+    config["context"] = dict(config.context, device_target="CPU")
+    copy, stream = (mem.plan_from_config(config, run_mode="predict", device_memory_bytes=24 * GIB, use_past=True,
+                                         load_checkpoint=load)
+                    for load in (mem.CHECKPOINT_COPY, mem.CHECKPOINT_STREAM))
+    ok, message = mem.preflight(config, "predict", available_bytes=24 * GIB, use_past=True)   # the config names one
+    assert not ok and f"needs {copy.per_device_bytes / GIB:.1f} GB host RAM" in message
+    ok, message = mem.preflight(config, "predict", available_bytes=24 * GIB, use_past=True,
+                                load_checkpoint=mem.CHECKPOINT_STREAM)
+    assert ok and f"needs {stream.per_device_bytes / GIB:.1f} GB host RAM" in message
+
+
 # ----- the original's hardware matrix (facts: MindFormers Baichuan2 documentation) --------------------
 
 # (yaml, run_mode, device memory, parallel overrides, expected verdict)
@@ -182,7 +228,23 @@ def test_cli_json_and_table():
     assert result.returncode == 0 and "does not fit" in result.stdout and "judgements" in result.stdout
 
 
+def test_cli_load_checkpoint_copy_versus_stream():
+    """7B chat on a 24 GB host: refused with a full copy while loading, fits when the .ckpt streams."""
+    def planned(loading):
+        result = run_cli("--config", os.path.join(PLUGIN, "run_baichuan2_7b_910b.yaml"), "--run_mode", "predict",
+                         "--device_target", "CPU", "--use_past", "True", "--device_memory", "24GB",
+                         "--load_checkpoint", loading, "--json")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+    copy, stream, true = planned("copy"), planned("stream"), planned("True")
+    assert copy == true and not copy["fits"] and stream["fits"]
+    # streaming holds one tensor in flight (the 125696 x 4096 fp16 embedding) instead of a second copy
+    assert copy["parts"]["checkpoint being loaded"] > 12 * GIB
+    assert stream["parts"]["checkpoint being loaded"] <= 125696 * 4096 * 2
+
+
 @pytest.mark.parametrize("args", [("--config", "missing.yaml"), ("--config", "x.yaml", "--dp", "0"),
+                                  ("--config", "x.yaml", "--load_checkpoint", "maybe"),
                                   ("--device_memory", "lots", "--config", "x.yaml"),
                                   ("--config", os.path.join(PLUGIN, "run_baichuan2_7b.yaml"), "--mp", "3")])
 def test_cli_errors_are_one_line(args):

@@ -4,7 +4,8 @@ One way for ``run_baichuan2_chat.py``, ``run_baichuan2_generate.py``, ``run_baic
 (and a server) to load exactly what ``run_baichuan2.py --run_mode predict`` loads:
 
 * ``load_checkpoint`` a ``.ckpt``/``.safetensors`` file, a folder of them (a complete checkpoint,
-  or a base checkpoint + a LoRA checkpoint side by side), or a folder of ``rank_x/`` folders (the
+  or a base checkpoint + a LoRA checkpoint side by side; complete ``.ckpt`` files are streamed into
+  the network tensor by tensor, ``baichuan2_ckpt_reader``), or a folder of ``rank_x/`` folders (the
   output of a distributed run; rank 0's latest checkpoint is read on a single card, a split made by
   ``baichuan2_ckpt_layout`` is merged back), optionally through MindFormers' automatic transform
   (``auto_trans_ckpt`` + ``src_strategy``);
@@ -23,7 +24,8 @@ import os
 from baichuan2_checkpoints import checkpoint_files, checkpoint_format, is_split_layout, rank_dirs
 from baichuan2_cli import UserInputError, read_inputs
 from baichuan2_config import apply_model_overrides, load_config
-from baichuan2_names import canonical_lora_name, is_runtime_buffer
+from baichuan2_ckpt_loader import check_all_loaded, load_ckpt_files, streams_checkpoint
+from baichuan2_names import canonical_lora_name
 from baichuan2_preflight import check_checkpoint, check_memory
 
 logger = logging.getLogger("baichuan2")
@@ -72,8 +74,12 @@ def prepare_config(args, run_mode="predict", batch_size=1, use_past=None):
             raise FileNotFoundError(f"load_checkpoint not found: {config.load_checkpoint} "
                                     "(a .ckpt file or a folder of .ckpt files or rank_x/ folders)")
         check_checkpoint(config.load_checkpoint, model_config, bool(model_config.pet_config), run_mode=run_mode)
+    from baichuan2_memory import CHECKPOINT_STREAM  # pylint: disable=import-outside-toplevel
+    # load_weights streams complete .ckpt files: the plan counts one tensor in flight, not a second copy
+    streamed = streams_checkpoint(config.load_checkpoint, config.auto_trans_ckpt)
+    loading = {"load_checkpoint": CHECKPOINT_STREAM} if streamed else {}
     check_memory(config, run_mode, skip=getattr(args, "skip_memory_check", False), batch_size=batch_size,
-                 use_past=use_past)
+                 use_past=use_past, **loading)
     setup_context(config)
     return config
 
@@ -124,10 +130,7 @@ def _load_params(network, params, source):
                                                        else value, name=canonical_lora_name(name))
                for name, value in params.items()}
     not_loaded, _ = ms.load_param_into_net(network, tensors)
-    missing = [name for name in not_loaded if not is_runtime_buffer(name)]
-    if missing:
-        raise UserInputError(f"checkpoint {source} lacks {missing[:3]}; check --config (7B vs 13B, LoRA) or the "
-                             "checkpoint")
+    check_all_loaded(not_loaded, source)
 
 
 def _transform_and_load(config, network):
@@ -147,9 +150,11 @@ def _transform_and_load(config, network):
 def load_weights(config, network):
     """Load ``config.load_checkpoint`` into ``network`` (LoRA layers already injected).
 
-    * a file, or a folder of complete checkpoint files (base + LoRA side by side), without
-      ``auto_trans_ckpt``: read with ``mindspore.load_checkpoint`` (later files win) and loaded
-      with the ``tk_delta`` -> ``mindpet_delta`` rename; every weight must be found;
+    * a ``.ckpt`` file, or a folder of complete ``.ckpt`` files (base + LoRA side by side), without
+      ``auto_trans_ckpt``: streamed tensor by tensor (``baichuan2_ckpt_loader``: peak = network + the
+      largest tensor), later files win, ``tk_delta`` -> ``mindpet_delta``; every weight must be found;
+    * the same with ``.safetensors`` files among them: read with ``mindspore.load_checkpoint`` (later
+      files win) and loaded with ``load_param_into_net``;
     * a ``rank_x/`` folder split by ``baichuan2_ckpt_layout`` (with its ``layout.json``): merged
       back into the complete weights;
     * anything else (other ``rank_x/`` folders, ``auto_trans_ckpt`` with a strategy): MindFormers'
@@ -161,6 +166,9 @@ def load_weights(config, network):
         if is_split_layout(path):
             import baichuan2_ckpt_layout  # pylint: disable=import-outside-toplevel
             _load_params(network, baichuan2_ckpt_layout.load_complete(path), f"{path} (merged from its rank_x folders)")
+            return
+        if streams_checkpoint(path):
+            load_ckpt_files(network, checkpoint_files(path), path)
             return
         if not rank_dirs(path):
             params = {}

@@ -31,12 +31,12 @@ from mindspore import nn, ops, Parameter, Tensor
 from mindspore import dtype as mstype
 from mindspore.common.initializer import initializer, HeUniform
 
-from mindformers.core.loss import CrossEntropyLoss
 from mindformers.models.llama.llama import LlamaPreTrainedModel
 from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForward, LlamaRMSNorm
 from mindformers.modules.layers import Linear
 
 from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention
+from baichuan2_loss import build_loss
 from baichuan2_generation import Baichuan2GenerationMixin
 
 # Masked attention scores get this value instead of -inf, so that a row with no visible key
@@ -468,8 +468,7 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
                                 config.param_init_type, config.use_past)
         if config.parallel_config.pipeline_stage > 1:
             self.lm_head.pipeline_stage = config.parallel_config.pipeline_stage - 1
-        loss_parallel_config = config.parallel_config
-        self.loss = CrossEntropyLoss(parallel_config=loss_parallel_config)
+        self.loss = build_loss(config.parallel_config)
         self.load_checkpoint(config)
 
     def set_decode_phase(self, is_first_iteration):

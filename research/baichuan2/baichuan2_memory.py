@@ -18,7 +18,11 @@ the lm_head's vocabulary; the embedding is replicated when ``vocab_emb_dp``):
 * KV cache for predict with ``use_past``: ``batch x layers x 2 x heads/mp x seq x head_dim x compute dtype``;
 * LoRA: adapters are the only trainable weights (their gradients and moments), the base stays frozen;
 * a framework / workspace figure: on CPU the measured process baseline (MindSpore + MindFormers imported),
-  on Ascend a judgement (``ASCEND_WORKSPACE_BYTES``), reported as such in ``MemoryPlan.judgements``.
+  on Ascend a judgement (``ASCEND_WORKSPACE_BYTES``), reported as such in ``MemoryPlan.judgements``;
+* a checkpoint being loaded before the run (``load_checkpoint``): a full copy of the weights for
+  ``mindspore.load_checkpoint`` (the Trainer, safetensors, rank_x layouts: ``CHECKPOINT_COPY``), or the
+  largest single tensor when complete ``.ckpt`` files are streamed (the inference scripts' ``load_weights``:
+  ``CHECKPOINT_STREAM``).
 
 Sizes are in bytes; "GB" in ``max_device_memory`` is MindSpore's GiB (2**30), as in ``"59GB"``.
 """
@@ -42,7 +46,7 @@ DEFAULT_LORA_TARGETS = r".*dense*|.*linear*"      # mindformers LoraAdapter defa
 #   Evaluation keeps no backward chain: logits + log-softmax work buffers (3, a judgement: not measured).
 # Ascend: judgement. Static memory planning (SOMAS) reuses buffers; 4 live fp32 buffers (logits,
 #   log-softmax, one-hot, d_logits) plus the fp16 matmul output.
-_LOGIT_BUFFERS = {("CPU", "train"): 26, ("CPU", "eval"): 3, ("Ascend", "train"): 4, ("Ascend", "eval"): 2}
+_LOGIT_BUFFERS = {("CPU", "train"): 15, ("CPU", "eval"): 3, ("Ascend", "train"): 4, ("Ascend", "eval"): 2}
 # (V/mp x h) temporaries of NormHead's row norm ``w * w`` (and, when the head trains, its gradient):
 # inference computes it for every prompt, full fine-tuning keeps one through the backward pass.
 _HEAD_TEMPS = {"train": 1, "infer": 1}
@@ -50,6 +54,11 @@ _HEAD_TEMPS = {"train": 1, "infer": 1}
 ASCEND_WORKSPACE_BYTES = 2 * GIB
 # CPU: the measured RSS of a process that imported MindSpore + MindFormers and set the context (no model).
 CPU_FRAMEWORK_BYTES = int(0.85 * GIB)
+# How a checkpoint is loaded (``plan(load_checkpoint=...)``; True means CHECKPOINT_COPY):
+# mindspore.load_checkpoint builds a dict holding every tensor before load_param_into_net copies it in;
+# baichuan2_ckpt_reader streams a .ckpt tensor by tensor, so one tensor is in flight at a time.
+CHECKPOINT_COPY = "copy"
+CHECKPOINT_STREAM = "stream"
 
 
 class MemoryConfigError(ValueError):
@@ -220,13 +229,18 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
             slices (gradients too when pp is 1), the gathered weights kept for the backward.
         framework_bytes: override of the framework / workspace figure, e.g. 0 when the caller has already
             imported MindSpore + MindFormers (then the available RAM it measures no longer includes them).
-        load_checkpoint: a complete checkpoint is loaded into the network first (``load_checkpoint`` holds
-            a full copy next to the network's weights until ``load_param_into_net`` returns).
+        load_checkpoint: a complete checkpoint is loaded into the network first. False: none;
+            True or ``CHECKPOINT_COPY``: through ``mindspore.load_checkpoint``, which holds a full copy next to
+            the network's weights until ``load_param_into_net`` returns (the Trainer's
+            ``transform_and_load_checkpoint``, safetensors, rank_x layouts); ``CHECKPOINT_STREAM``: complete
+            ``.ckpt`` files streamed tensor by tensor (``baichuan2_inference.load_weights``), one tensor in
+            flight, the largest being the V x h embedding in the checkpoint's dtype.
     Returns:
         ``MemoryPlan``.
     """
     if run_mode not in RUN_MODES:
         raise MemoryConfigError(f"run_mode {run_mode!r} is not one of {', '.join(RUN_MODES)}")
+    loading = checkpoint_loading(load_checkpoint)
     device = "CPU" if str(device).upper() == "CPU" else "Ascend"
     shape = _Shape.from_config(model_config, seq_length)
     dp = int(_get(parallel_config, "data_parallel", 1))
@@ -289,12 +303,22 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
             _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, use_past, device)
         stage_parts.append((sum(parts.values()), stage, parts, judgements))
     _, stage, parts, judgements = max(stage_parts)
-    if load_checkpoint:
-        # The load happens before the run: the peak is the larger of (weights + checkpoint copy) and the run.
+    if loading:
+        # The load happens before the run: the peak is the larger of (weights + what loading holds) and the run.
         run_extras = sum(v for k, v in parts.items() if k != "weights")
-        parts["checkpoint being loaded"] = max(0, parts["weights"] - run_extras)
-        judgements.append("checkpoint being loaded: one full copy of the weights in the checkpoint's dtype "
-                          "while load_param_into_net runs (the peak is the larger of loading and running)")
+        if loading == CHECKPOINT_STREAM:
+            # One tensor in flight: the reader's copy of it, handed to the parameter, whose old data is then
+            # freed. A complete checkpoint holds full tensors (not mp slices); the largest is the embedding
+            # or the lm_head, V x h, next to the FFN's h x I. Its dtype is taken as param_init_type.
+            held = max(shape.vocab, shape.ffn) * shape.hidden * shape.param_bytes
+            judgements.append("checkpoint being loaded: the largest single tensor (V x h in param_init_type, "
+                              "taken as the checkpoint's dtype) while the .ckpt streams tensor by tensor into the "
+                              "network (the peak is the larger of loading and running)")
+        else:
+            held = parts["weights"]
+            judgements.append("checkpoint being loaded: one full copy of the weights in the checkpoint's dtype "
+                              "while load_param_into_net runs (the peak is the larger of loading and running)")
+        parts["checkpoint being loaded"] = max(0, held - run_extras)
 
     if framework_bytes is None:
         framework_bytes = CPU_FRAMEWORK_BYTES if device == "CPU" else ASCEND_WORKSPACE_BYTES
@@ -325,6 +349,17 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
                                                seq_length, parallel_optimizer, framework_bytes, vocab_emb_dp,
                                                load_checkpoint)
     return memory_plan
+
+
+def checkpoint_loading(load_checkpoint):
+    """``None``, ``CHECKPOINT_COPY`` or ``CHECKPOINT_STREAM`` for ``plan(load_checkpoint=...)``: a flag (True
+    means a full copy, as before there were two ways) or one of the two names."""
+    if not isinstance(load_checkpoint, str):
+        return CHECKPOINT_COPY if load_checkpoint else None
+    if load_checkpoint in ("", CHECKPOINT_COPY, CHECKPOINT_STREAM):
+        return load_checkpoint or None
+    raise MemoryConfigError(f"load_checkpoint {load_checkpoint!r} is not one of False, True, "
+                            f"{CHECKPOINT_COPY!r}, {CHECKPOINT_STREAM!r}")
 
 
 def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, micro, dp, mp, tokens,
@@ -511,6 +546,8 @@ def preflight(config, run_mode, available_bytes=None, **overrides):
     (None: ``context.max_device_memory`` on Ascend, the host's available RAM on CPU).
     The message names needed vs available, the biggest part and the first fix, e.g.
     ``"memory: needs 37.6 GB per device, 31.0 GB available (biggest: optimizer states 7.5 GB); try: ..."``.
+    A checkpoint named by the config counts as loaded with a full copy (the Trainer's path) unless the
+    caller passes ``load_checkpoint=CHECKPOINT_STREAM`` (the inference scripts' streaming loader).
     """
     if "load_checkpoint" not in overrides:
         model_config = _get(_get(config, "model"), "model_config")

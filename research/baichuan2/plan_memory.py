@@ -65,10 +65,22 @@ def build_parser():
     parser.add_argument("--micro_batch_num", type=positive_int)
     parser.add_argument("--use_past", type=str2bool, default=None)
     parser.add_argument("--recompute", type=str2bool, default=None)
-    parser.add_argument("--load_checkpoint", type=str2bool, default=None,
-                        help="a complete checkpoint is loaded first (default: whether the YAML names one)")
+    parser.add_argument("--load_checkpoint", type=checkpoint_loading_flag, default=None,
+                        help="a complete checkpoint is loaded first: True/copy (run_baichuan2.py's Trainer path: "
+                             "a full copy while loading), stream (chat, generate, pipeline and the server stream a "
+                             ".ckpt tensor by tensor) or False (default: copy if the YAML names one)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
+
+
+def checkpoint_loading_flag(value):
+    """argparse type of ``--load_checkpoint``: True/False, or how it is loaded (``copy`` / ``stream``)."""
+    if str(value).lower() in (baichuan2_memory.CHECKPOINT_COPY, baichuan2_memory.CHECKPOINT_STREAM):
+        return str(value).lower()
+    try:
+        return str2bool(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected True, False, copy or stream, got {value!r}") from None
 
 
 def apply_parallel_overrides(config, args):
