@@ -39,7 +39,7 @@ PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "numpy")
 
 # Run in the first round only (each costs minutes; see the module docstring).
 ONCE = ("decode-ours7b-b4-p64", "decode-wide-ours7b-p64", "decode-wide-ours7b-p1024", "decode-wide-ours7b-b4-p64",
-        "finetune-unpacked", "finetune-packed", "finetune-unpacked-long", "finetune-packed-long",
+        "finetune-unpacked-long", "finetune-packed-long",
         "train-ours7b-plainhead")
 # The long-sequence fine-tuning point: what 24 GB hold for a training step of ours at batch 1 (peak
 # RSS grows ~12.5 MiB per token from 8.1 GB at 64 tokens and 13.7 GB at 512: ~20 GB at 1024; 2048
