@@ -10,10 +10,11 @@ one-hot for its custom backward, and its forward materialises ``logits - max``, 
 
     loss = sum_t w_t * (logsumexp(logits_t) - logits_t[label_t]) / (sum_t w_t + 1e-8)
 
-(MindFormers' rule, including its 1e-8), but keeps only its input for the backward and recomputes
-the softmax there: ``d logits_t = (softmax(logits_t) - onehot(label_t)) * w_t * dout / (sum w + 1e-8)``,
-written as one scaled softmax and a scatter of ``-scale`` into the label column. No one-hot
-matrix exists in either pass.
+(MindFormers' rule, including its 1e-8). The forward is one ``log_softmax`` and a gather of the
+label column; the backward keeps only the logits and recomputes the softmax:
+``d logits_t = (softmax(logits_t) - onehot(label_t)) * w_t * dout / (sum w + 1e-8)``, written as one
+scaled softmax and a scatter of ``-scale`` into the label column. No one-hot matrix exists in
+either pass.
 
 It is used when the vocabulary is not split over devices (``model_parallel == 1``: CPU, data
 parallel, pipeline stages). A vocabulary split over ``model_parallel`` devices needs MindFormers'
@@ -23,12 +24,6 @@ from mindspore import nn, ops
 from mindformers.core.loss import CrossEntropyLoss
 
 _EPS = 1e-8    # MindFormers CrossEntropyLoss's denominator guard
-
-
-def _log_sum_exp(logits):
-    """(N, V) fp32 -> (N, 1) fp32, max-shifted for range."""
-    row_max = ops.stop_gradient(logits.max(axis=-1, keepdims=True))
-    return ops.log(ops.exp(logits - row_max).sum(axis=-1, keepdims=True)) + row_max
 
 
 class MaskedCrossEntropy(nn.Cell):
