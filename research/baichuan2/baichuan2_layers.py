@@ -1,11 +1,18 @@
 """Building blocks shared by Baichuan2-7B and Baichuan2-13B.
 
-Both models are pre-norm decoders with RMSNorm, SwiGLU MLPs (MindFormers' ``LlamaRMSNorm`` and
-``LlamaFeedForward``), multi-head attention without biases and a row-normalised lm_head
-(``NormHead``). They differ only in how positions enter attention: 7B rotates queries and keys
-(RoPE), 13B adds a per-head linear bias to the scores (ALiBi). The attention here therefore takes an
-optional rotary table and an optional score bias, and each model builds the one it needs
-(``Baichuan2Model._position_inputs``).
+Both models are pre-norm decoders with RMSNorm, SwiGLU MLPs (MindFormers' ``LlamaFeedForward``;
+RMSNorm and RoPE are thin subclasses of MindFormers' ``LlamaRMSNorm`` and ``RotaryEmbedding``),
+multi-head attention without biases and a row-normalised lm_head (``NormHead``). They differ only
+in how positions enter attention: 7B rotates queries and keys (RoPE), 13B adds a per-head linear
+bias to the scores (ALiBi). The attention here therefore takes an optional rotary table and an
+optional score bias, and each model builds the one it needs (``Baichuan2Model._position_inputs``).
+
+The subclasses and ``_expand_as`` exist for memory on CPU: MindSpore's CPU kernels for Mul, Add,
+Sub and Select build a table of per-element indices when their operands' shapes differ (about
+16-24 bytes per output element, kept for the life of the compiled graph), so a ``(B, 1, S, T)``
+mask or a ``(B, S, 1)`` norm factor broadcast inside the op costs more than the tensor it makes.
+Broadcasting explicitly first (``ops.broadcast_to``) gives the kernels same-shaped operands and
+no table; the arithmetic is unchanged (see ``benchmarks/bench_cpu_kernel_tables.py``).
 
 Incremental inference keeps a KV cache of shape (batch, heads, seq_length, head_dim) per layer in
 parameters updated in place with portable ops (``IndexAdd``), so it runs on CPU and in graph mode. A
@@ -33,7 +40,7 @@ from mindspore.common.initializer import initializer, HeUniform
 
 from mindformers.models.llama.llama import LlamaPreTrainedModel
 from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForward, LlamaRMSNorm
-from mindformers.modules.layers import Linear
+from mindformers.modules.layers import Linear, RotaryEmbedding
 
 from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention
 from baichuan2_loss import build_loss
@@ -42,6 +49,53 @@ from baichuan2_generation import Baichuan2GenerationMixin
 # Masked attention scores get this value instead of -inf, so that a row with no visible key
 # (a padding query row) still gives a finite softmax.
 _MASKED_SCORE = -1.0e9
+
+
+def _expand_as(x, like):
+    """``x`` broadcast to the shape of ``like``, for an elementwise op between the two.
+
+    Why: given operands of different shapes, MindSpore's CPU elementwise kernels (Mul, Add, Select)
+    build size_t index tables with one entry per output element and operand (16 bytes for Mul/Add, 24
+    for Select) when the graph is compiled and keep them as long as the graph lives, once per op. An
+    explicit BroadcastTo keeps nothing, so the op after it runs on one shape. Measured by
+    ``benchmarks/bench_cpu_kernel_tables.py``; see ``docs/memory.md``.
+    """
+    return ops.broadcast_to(x, like.shape)
+
+
+class Baichuan2RMSNorm(LlamaRMSNorm):
+    """MindFormers' ``LlamaRMSNorm`` (same ``weight``, same fused Ascend kernel) whose portable path
+    multiplies operands of one shape (``_expand_as``). (..., h) -> (..., h), dtype of the input."""
+
+    def _self_norm(self, x):
+        original_type = x.dtype
+        h = self.cast(x, self.compute_type)
+        norm_factor = self.rsqrt(self.add(self.mean(self.square(h), -1), self.eps))     # (..., 1)
+        output = self.cast(self.mul(h, _expand_as(norm_factor, h)), original_type)
+        return self.mul2(output, _expand_as(self.cast(self.weight, original_type), output))
+
+
+class Baichuan2RotaryEmbedding(RotaryEmbedding):
+    """MindFormers' ``RotaryEmbedding`` in its half-split (``use_rope_slice``) form, with the cos/sin
+    tables broadcast once to the query shape (``_expand_as``).
+
+    Inputs: query, key (B, H, S, D); ``freqs_cis = (cos, sin, swap_mask)`` with cos/sin (1 or B, 1, S, D).
+    Outputs: rotated query, key, dtype of the inputs.
+    """
+
+    def __init__(self, head_dim, compute_dtype):
+        super().__init__(head_dim, compute_dtype, use_rope_slice=True)
+
+    def construct(self, xq, xk, freqs_cis):
+        original_type = xq.dtype
+        xq = self.cast(xq, self.dtype)
+        xk = self.cast(xk, self.dtype)
+        freqs_cos, freqs_sin, _ = freqs_cis
+        cos = _expand_as(freqs_cos.astype(self.dtype), xq)
+        sin = _expand_as(freqs_sin.astype(self.dtype), xq)
+        xq_out = self.add(self.mul(xq, cos), self.mul(self.slice_half(xq), sin))
+        xk_out = self.add(self.mul(xk, cos), self.mul(self.slice_half(xk), sin))
+        return self.cast(xq_out, original_type), self.cast(xk_out, original_type)
 
 
 class KVCache(nn.Cell):
@@ -159,8 +213,7 @@ class Baichuan2Attention(nn.Cell):
                                        config.compute_dtype)
         self.apply_rotary_emb = None
         if use_rope:
-            from mindformers.modules.layers import RotaryEmbedding  # pylint: disable=import-outside-toplevel
-            self.apply_rotary_emb = RotaryEmbedding(self.head_dim, config.rotary_dtype, use_rope_slice=True)
+            self.apply_rotary_emb = Baichuan2RotaryEmbedding(self.head_dim, config.rotary_dtype)
 
     def _split_heads(self, x):
         batch, seq, _ = x.shape
@@ -194,8 +247,10 @@ class Baichuan2Attention(nn.Cell):
         scores = self.score_matmul(query.astype(self.compute_dtype), key.astype(self.compute_dtype))
         scores = scores.astype(self.softmax_dtype) * self.scale
         if bias is not None:
-            scores = scores + bias.astype(self.softmax_dtype)
-        scores = ops.select(keep, scores, ops.fill(self.softmax_dtype, scores.shape, _MASKED_SCORE))
+            scores = scores + _expand_as(bias.astype(self.softmax_dtype), scores)
+        # keep (B or 1, 1, S, T) and the fill take the scores' shape (a scalar fill would broadcast too).
+        scores = ops.select(_expand_as(keep, scores), scores,
+                            ops.fill(self.softmax_dtype, scores.shape, _MASKED_SCORE))
         probs = ops.softmax(scores, axis=-1).astype(self.compute_dtype)
         return ops.matmul(probs, value.astype(self.compute_dtype))
 
@@ -243,10 +298,10 @@ class Baichuan2DecodeLayer(nn.Cell):
         super().__init__()
         self.layer_id = layer_id
         fused = use_fused_rms_norm(config.fused_rms_norm)
-        self.attention_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
-                                           compute_type=config.layernorm_compute_type, fused_kernel=fused)
-        self.ffn_norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
-                                     compute_type=config.layernorm_compute_type, fused_kernel=fused)
+        self.attention_norm = Baichuan2RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                               compute_type=config.layernorm_compute_type, fused_kernel=fused)
+        self.ffn_norm = Baichuan2RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                         compute_type=config.layernorm_compute_type, fused_kernel=fused)
         self.attention = Baichuan2Attention(config, use_rope)
         self.feed_forward = LlamaFeedForward(dim=config.hidden_size,
                                              intermediate_size=config.intermediate_size,
@@ -360,9 +415,9 @@ class Baichuan2Model(LlamaPreTrainedModel):
             if getattr(recompute, "recompute", recompute) is True:
                 layer.recompute()
             self.layers.append(layer)
-        self.norm_out = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps,
-                                     compute_type=config.layernorm_compute_type,
-                                     fused_kernel=use_fused_rms_norm(config.fused_rms_norm))
+        self.norm_out = Baichuan2RMSNorm(config.hidden_size, config.rms_norm_eps,
+                                         compute_type=config.layernorm_compute_type,
+                                         fused_kernel=use_fused_rms_norm(config.fused_rms_norm))
         if pipeline_stages > 1:
             self.tok_embeddings.pipeline_stage = 0
             self.norm_out.pipeline_stage = pipeline_stages - 1
@@ -402,7 +457,8 @@ class Baichuan2Model(LlamaPreTrainedModel):
         embedded = self.tok_embeddings(tokens)
         # padding_idx: the pad row's lookups carry no gradient (a (B, S, h) select, not a V x h op).
         is_pad = (tokens == self.pad_token_id).reshape(tokens.shape + (1,))
-        hidden = ops.where(is_pad, ops.stop_gradient(embedded), embedded).astype(self.config.compute_dtype)
+        hidden = ops.where(_expand_as(is_pad, embedded), ops.stop_gradient(embedded), embedded)
+        hidden = hidden.astype(self.config.compute_dtype)
         seq_len = tokens.shape[1]
         if self.use_past and not self.is_first_iteration:
             if key_positions is None:

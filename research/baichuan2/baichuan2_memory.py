@@ -17,6 +17,8 @@ the lm_head's vocabulary; the embedding is replicated when ``vocab_emb_dp``):
 * logits and loss temporaries: ``tokens x vocab/mp`` fp32 buffers (count per backend, see ``_LOGIT_BUFFERS``);
 * KV cache for predict with ``use_past``: ``batch x layers x 2 x heads/mp x seq x head_dim x compute dtype``;
 * LoRA: adapters are the only trainable weights (their gradients and moments), the base stays frozen;
+* CPU kernel index tables: MindSpore's CPU Transpose kernels keep a size_t index per output element for the
+  life of each compiled graph (every prefill width generation compiles), ``_TRANSPOSES_PER_LAYER`` per layer;
 * a framework / workspace figure: on CPU the measured process baseline (MindSpore + MindFormers imported),
   on Ascend a judgement (``ASCEND_WORKSPACE_BYTES``), reported as such in ``MemoryPlan.judgements``;
 * a checkpoint being loaded before the run (``load_checkpoint``): a full copy of the weights for
@@ -50,6 +52,15 @@ _LOGIT_BUFFERS = {("CPU", "train"): 15, ("CPU", "eval"): 3, ("Ascend", "train"):
 # (V/mp x h) temporaries of NormHead's row norm ``w * w`` (and, when the head trains, its gradient):
 # inference computes it for every prompt, full fine-tuning keeps one through the backward pass.
 _HEAD_TEMPS = {"train": 1, "infer": 1}
+# CPU only: MindSpore's CPU Transpose kernel with a constant permutation builds one size_t index per output
+# element when its graph is compiled (mindspore/ops/kernel/cpu/native/transpose_cpu_kernel.cc) and keeps it
+# as long as the graph lives. A decoder layer's forward has four ((B, S, h) -> heads for q, k, v and the
+# context back) and a training step's backward four more. Elementwise kernels keep 16-24 such bytes per
+# element too when an operand broadcasts (arithmetic_cpu_kernel.cc, select_cpu_kernel.cc); the model
+# broadcasts explicitly (``baichuan2_layers._expand_as``), so none are counted. Measured per op by
+# ``benchmarks/bench_cpu_kernel_tables.py``.
+_TRANSPOSE_INDEX_BYTES = 8
+_TRANSPOSES_PER_LAYER = {"train": 8, "infer": 4}
 # Ascend: HCCL buffers, graph workspace, runtime reserve and fragmentation inside max_device_memory.
 ASCEND_WORKSPACE_BYTES = 2 * GIB
 # CPU: the measured RSS of a process that imported MindSpore + MindFormers and set the context (no model).
@@ -204,6 +215,23 @@ def activation_bytes_per_token(shape, mp, recompute, fused_norm):
     return per_token
 
 
+def prefill_widths(seq_length, minimum=16):
+    """Widths of the prefill graphs generation compiles up to ``seq_length``: the powers of two from
+    ``minimum``, capped at ``seq_length`` (``baichuan2_generation._bucket``; a test keeps the two equal)."""
+    widths, width = [], minimum
+    while width < seq_length:
+        widths.append(width)
+        width *= 2
+    return widths + [seq_length]
+
+
+def cpu_kernel_table_bytes(shape, n_layers, mp, graph_tokens, training):
+    """What CPU kernels keep per compiled graph, summed over graphs of ``graph_tokens`` tokens each: the
+    Transposes' index tables (``_TRANSPOSES_PER_LAYER`` per layer, ``_TRANSPOSE_INDEX_BYTES`` per element)."""
+    count = _TRANSPOSES_PER_LAYER["train" if training else "infer"]
+    return sum(n_layers * count * _TRANSPOSE_INDEX_BYTES * tokens * shape.hidden // mp for tokens in graph_tokens)
+
+
 def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None, recompute=None,
          batch_size=None, device="Ascend", device_memory_bytes=None, pet_config=None, use_past=None,
          seq_length=None, parallel_optimizer=None, framework_bytes=None, vocab_emb_dp=None,
@@ -324,6 +352,9 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
         framework_bytes = CPU_FRAMEWORK_BYTES if device == "CPU" else ASCEND_WORKSPACE_BYTES
     parts["framework / workspace"] = int(framework_bytes)
     if device == "CPU":
+        judgements.append("CPU kernel index tables: 8 bytes per output element of each Transpose, per compiled "
+                          "graph (counted from the model; the per-element size from MindSpore's CPU kernel, "
+                          "measured by benchmarks/bench_cpu_kernel_tables.py)")
         judgements.append("framework / workspace: the RSS of a process with MindSpore + MindFormers imported "
                           "(measured, see docs/memory.md)")
     else:
@@ -404,6 +435,8 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
             parts["lm_head norm temporaries"] = _HEAD_TEMPS["train"] * head * shape.param_bytes
     if in_flight > 1:
         judgements.append(f"activations of {in_flight} micro batches in flight on stage {stage} (1F1B)")
+    if device == "CPU":
+        parts["CPU kernel index tables"] = cpu_kernel_table_bytes(shape, n_layers, mp, [tokens], True)
 
 
 def _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, use_past, device):
@@ -419,6 +452,12 @@ def _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, u
         parts["logits / loss"] = _LOGIT_BUFFERS[(device, "eval")] * tokens * (shape.vocab // mp) * 4
     else:      # generation scores the last valid token of each row only
         parts["logits / loss"] = 2 * batch_size * (shape.vocab // mp) * 4
+    if device == "CPU":
+        # eval: one graph of seq tokens; generation: one prefill graph per width a session reaches (prompts of
+        # every length, or without the cache the growing sequence), decode graphs of batch tokens.
+        widths = [shape.seq] if run_mode == "eval" else prefill_widths(shape.seq)
+        parts["CPU kernel index tables"] = cpu_kernel_table_bytes(shape, n_layers, mp,
+                                                                  [batch_size * w for w in widths], False)
     if use_past:
         head_dim = shape.hidden // shape.heads
         parts["KV cache"] = batch_size * n_layers * 2 * (shape.heads // mp) * shape.seq * head_dim * c
