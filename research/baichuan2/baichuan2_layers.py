@@ -363,7 +363,9 @@ class NormHead(nn.Cell):
         weight = self.weight if self.weight.dtype == self.compute_dtype else self.weight.astype(self.compute_dtype)
         shape = x.shape
         logits = self.matmul(x.reshape(-1, shape[-1]).astype(self.compute_dtype), weight)
-        logits = logits.astype(mstype.float32) * inv_norm
+        logits = logits.astype(mstype.float32)
+        # (N, V) * (V,) inside Mul would keep two N x V index tables, and its gradient two more (_expand_as).
+        logits = logits * _expand_as(inv_norm, logits)
         return logits.reshape(shape[:-1] + (logits.shape[-1],))
 
 

@@ -9,7 +9,9 @@ What one device holds (the largest pipeline stage decides; ``mp`` splits every l
 the lm_head's vocabulary; the embedding is replicated when ``vocab_emb_dp``):
 
 * weights: linear and embedding weights and the NormHead weight in ``param_init_type``, RMSNorm weights fp32;
-* gradients: one per trainable weight, in its dtype (full size: ``gradient_accumulation_shard: False``);
+* gradients: one per trainable weight, in its dtype (full size: ``gradient_accumulation_shard: False``); on
+  CPU they and the optimizer's update temporaries come after the loss phase's buffers are freed, so only what
+  they add beyond that phase is counted (``CPU_UPDATE_PART``);
 * optimizer states: AdamW moments m and v, fp32 for ``FP32StateAdamWeightDecay`` (param dtype for the
   plain ``AdamWeightDecay``), divided by ``dp`` under ``enable_parallel_optimizer``;
 * activations kept for the backward pass, per micro batch, times the micro batches in flight (1F1B keeps up
@@ -41,14 +43,20 @@ LINEAR_CELLS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 DEFAULT_LORA_TARGETS = r".*dense*|.*linear*"      # mindformers LoraAdapter default
 
 # Number of (tokens x vocab/mp) fp32 buffers alive at the peak of the lm_head + loss.
-# CPU: measured for this project's NormHead + MindFormers CrossEntropyLoss under MindSpore 2.7.2 CPU graph
-#   mode, by differencing two sequence lengths at fixed weights (docs/memory.md, "CPU validation"):
-#   training keeps the forward chain (matmul, x inv_norm, log-softmax, one-hot, NLL products) for the
-#   custom bprops and adds the backward chain (softmax, d_logits, zeros_like of the one-hot, ...).
-#   Evaluation keeps no backward chain: logits + log-softmax work buffers (3, a judgement: not measured).
+# CPU: measured for this project's NormHead + ``baichuan2_loss.MaskedCrossEntropy`` under MindSpore 2.7.2 CPU
+#   graph mode, by differencing two sequence lengths at fixed weights (docs/memory.md, "CPU validation"):
+#   8 when the head trains (raw and scaled logits, the broadcast inv_norm and the log-softmax of the forward,
+#   the softmax, its scaled copy, the scatter and the products for d inv_norm of the backward), 6 with a
+#   frozen head (LoRA: no d inv_norm). Evaluation keeps no backward chain: logits + log-softmax work
+#   buffers (3, a judgement: not measured).
 # Ascend: judgement. Static memory planning (SOMAS) reuses buffers; 4 live fp32 buffers (logits,
 #   log-softmax, one-hot, d_logits) plus the fp16 matmul output.
-_LOGIT_BUFFERS = {("CPU", "train"): 15, ("CPU", "eval"): 3, ("Ascend", "train"): 4, ("Ascend", "eval"): 2}
+_LOGIT_BUFFERS = {("CPU", "train"): 8, ("CPU", "lora"): 6, ("CPU", "eval"): 3,
+                  ("Ascend", "train"): 4, ("Ascend", "lora"): 4, ("Ascend", "eval"): 2}
+# CPU: the optimizer step runs after the backward has freed the loss buffers, and updates one weight at a
+# time with a few weight-sized temporaries (measured: 2 of the largest trainable tensor, nn.AdamWeightDecay).
+_UPDATE_TEMPS = 2
+CPU_UPDATE_PART = "gradients + update, beyond loss phase"
 # (V/mp x h) temporaries of NormHead's row norm ``w * w`` (and, when the head trains, its gradient):
 # inference computes it for every prompt, full fine-tuning keeps one through the backward pass.
 _HEAD_TEMPS = {"train": 1, "infer": 1}
@@ -429,7 +437,7 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
         activations += tokens * activation_bytes_per_token(shape, mp, False, fused_norm)
     parts["activations"] = activations
     if last:
-        buffers = _LOGIT_BUFFERS[(device, "train")]
+        buffers = _LOGIT_BUFFERS[(device, "lora" if lora_targets else "train")]
         parts["logits / loss"] = buffers * tokens * (shape.vocab // mp) * 4
         if not lora_targets:
             parts["lm_head norm temporaries"] = _HEAD_TEMPS["train"] * head * shape.param_bytes
@@ -437,6 +445,16 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
         judgements.append(f"activations of {in_flight} micro batches in flight on stage {stage} (1F1B)")
     if device == "CPU":
         parts["CPU kernel index tables"] = cpu_kernel_table_bytes(shape, n_layers, mp, [tokens], True)
+        # Two phases that do not overlap on CPU: the loss phase (activations, logits, head temporaries,
+        # tables) ends before the gradients and the optimizer's temporaries exist. The peak is the larger.
+        gradients = parts.pop("gradients")
+        loss_phase = sum(parts[k] for k in ("activations", "logits / loss", "lm_head norm temporaries",
+                                            "CPU kernel index tables") if k in parts)
+        largest = min(trainable, max(shape.vocab, shape.ffn) * shape.hidden) * param_bytes
+        parts[CPU_UPDATE_PART] = max(0, gradients + _UPDATE_TEMPS * largest - loss_phase)
+        judgements.append(f"gradients {gradients / GIB:.2f} GB and {_UPDATE_TEMPS} update temporaries of the largest "
+                          "trainable tensor exist only after the loss phase (CPU, measured); the part counts what "
+                          "they add beyond it")
 
 
 def _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, use_past, device):
