@@ -37,6 +37,8 @@ KINDS = {
     "scalar_select": "select(k, x, -1.0), k (2, 4, 256, 256), scalar fill",
     "expanded_select": "select(broadcast_to(k), x, fill), every operand (2, 4, 256, 256)",
     "expanded_mul_col": "x * broadcast_to(m), m (1, 1, 1, 256)",
+    "tiled_mul_col": "x * tile(m), m (1, 1, 1, 256)",
+    "tiled_select": "select(tile(k), x, fill), every operand (2, 4, 256, 256)",
     "transpose": "x.transpose(0, 2, 1, 3)",
 }
 
@@ -54,6 +56,7 @@ def _chain(kind, length):
     batch, heads, seq, keys = SHAPE
     second = {"same_shape_mul": SHAPE, "broadcast_mul_row": (batch, heads, seq, 1),
               "broadcast_mul_col": (1, 1, 1, keys), "expanded_mul_col": (1, 1, 1, keys),
+              "tiled_mul_col": (1, 1, 1, keys),
               "broadcast_add_lead": (1, heads, seq, keys)}.get(kind, (1,))
     mask = SHAPE if kind == "scalar_select" else (batch, 1, seq, keys)
 
@@ -72,6 +75,8 @@ def _chain(kind, length):
                     x = x * self.m
                 elif kind == "expanded_mul_col":
                     x = x * ops.broadcast_to(self.m, x.shape)
+                elif kind == "tiled_mul_col":
+                    x = x * ops.tile(self.m, (batch, heads, seq, 1))
                 elif kind == "broadcast_add_lead":
                     x = x + self.m
                 elif kind == "broadcast_select":
@@ -80,6 +85,8 @@ def _chain(kind, length):
                     x = ops.select(self.k, x, -1.0)
                 elif kind == "expanded_select":
                     x = ops.select(ops.broadcast_to(self.k, x.shape), x, ops.fill(mstype.float32, x.shape, -1.0))
+                elif kind == "tiled_select":
+                    x = ops.select(ops.tile(self.k, (1, heads, 1, 1)), x, ops.fill(mstype.float32, x.shape, -1.0))
                 elif kind == "transpose":
                     x = x.transpose(0, 2, 1, 3)
             return x

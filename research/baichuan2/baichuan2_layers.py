@@ -11,7 +11,7 @@ The subclasses and ``_expand_as`` exist for memory on CPU: MindSpore's CPU kerne
 Sub and Select build a table of per-element indices when their operands' shapes differ (about
 16-24 bytes per output element, kept for the life of the compiled graph), so a ``(B, 1, S, T)``
 mask or a ``(B, S, 1)`` norm factor broadcast inside the op costs more than the tensor it makes.
-Broadcasting explicitly first (``ops.broadcast_to``) gives the kernels same-shaped operands and
+Repeating the operand explicitly first (``ops.tile``) gives the kernels same-shaped operands and
 no table; the arithmetic is unchanged (see ``benchmarks/bench_cpu_kernel_tables.py``).
 
 Incremental inference keeps a KV cache of shape (batch, heads, seq_length, head_dim) per layer in
@@ -52,15 +52,18 @@ _MASKED_SCORE = -1.0e9
 
 
 def _expand_as(x, like):
-    """``x`` broadcast to the shape of ``like``, for an elementwise op between the two.
+    """``x`` repeated to the shape of ``like`` (NumPy broadcasting rules), for an elementwise op between them.
 
     Why: given operands of different shapes, MindSpore's CPU elementwise kernels (Mul, Add, Select)
     build size_t index tables with one entry per output element and operand (16 bytes for Mul/Add, 24
     for Select) when the graph is compiled and keep them as long as the graph lives, once per op. An
-    explicit BroadcastTo keeps nothing, so the op after it runs on one shape. Measured by
-    ``benchmarks/bench_cpu_kernel_tables.py``; see ``docs/memory.md``.
+    explicit Tile keeps nothing, so the op after it runs on one shape. Tile rather than BroadcastTo:
+    MindSpore's CPU BroadcastTo kernel is about 3x slower than Tile for a (512, 125696) result.
+    Measured by ``benchmarks/bench_cpu_kernel_tables.py``; see ``docs/memory.md``.
     """
-    return ops.broadcast_to(x, like.shape)
+    shape = (1,) * (len(like.shape) - len(x.shape)) + tuple(x.shape)
+    multiples = tuple(target // size for size, target in zip(shape, like.shape))
+    return ops.tile(x.reshape(shape), multiples)
 
 
 class Baichuan2RMSNorm(LlamaRMSNorm):

@@ -50,8 +50,8 @@ class MaskedCrossEntropy(nn.Cell):
     def bprop(self, logits, labels, weight, out, dout):
         """d logits only; labels and weight get zeros (they carry no gradient)."""
         scale = (weight * (dout / (weight.sum() + _EPS))).reshape(-1, 1)                         # (N, 1)
-        # scale broadcast first: a (N, V) * (N, 1) Mul would keep N x V index tables on CPU (baichuan2_layers).
-        grad = ops.softmax(logits, axis=-1) * ops.broadcast_to(scale, logits.shape)              # (N, V)
+        # scale repeated first: a (N, V) * (N, 1) Mul would keep N x V index tables on CPU (baichuan2_layers).
+        grad = ops.softmax(logits, axis=-1) * ops.tile(scale, (1, logits.shape[-1]))             # (N, V)
         grad = ops.tensor_scatter_elements(grad, self._safe_labels(labels, logits.shape[-1]), -scale,
                                            axis=1, reduction="add")
         return grad, ops.zeros_like(labels), ops.zeros_like(weight)
