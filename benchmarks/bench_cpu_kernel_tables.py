@@ -14,7 +14,7 @@ or fill is smaller than its output) builds ``size_t`` index tables in its ``Resi
 operand, 8 bytes per output element each) and a Transpose with a constant permutation builds one
 (``transpose_cpu_kernel.cc``). They live as long as the graph, once per op, so a model that broadcasts
 inside each layer keeps them for every layer of every compiled graph. ``baichuan2_layers._expand_as``
-broadcasts explicitly instead; ``baichuan2_memory`` plans what is left (the Transposes).
+repeats the operand with Tile instead; ``baichuan2_memory`` plans what is left (the Transposes).
 """
 import argparse
 import json

@@ -445,6 +445,21 @@ def explain_train(res):
 # ----------------------------------------------------------------------------------------------------
 # the document
 
+def _machine_name(machine):
+    return f"{machine['cpu_model']} ({machine.get('cpu_family_model', '')}; {machine.get('simd', '')})"
+
+
+def kept_results_lines(data):
+    """One line per earlier run whose results this document keeps (``run_all.py --only/--tasks``): which
+    kinds of task, when and on which machine. Ratios are only ever taken within one run's results."""
+    groups = {}
+    for name, source in data.get("sources", {}).items():
+        if name in data["results"] and source["date"] != data["date"]:
+            groups.setdefault((source["date"], _machine_name(source["machine"])), set()).add(name.split("-")[0])
+    return [f"- Kept from the run of {date} on {machine} (not re-measured here): {', '.join(sorted(kinds))}."
+            for (date, machine), kinds in sorted(groups.items())]
+
+
 def write_report(data, md_path, png_path):
     res = Results(data)
     machine = data["machine"]
@@ -468,6 +483,8 @@ def write_report(data, md_path, png_path):
               ""]
     if data.get("total_s"):
         lines.insert(-1, f"- Whole run: {data['total_s'] / 60:.0f} min.")
+    for line in kept_results_lines(data):
+        lines.insert(-1, line)
     lines += ["![decode and training throughput](performance.png)", ""]
 
     lines += ["## Targets", "", _table(["target", "measured", "status", "why / note"], targets(res)), ""]

@@ -298,7 +298,12 @@ def main(argv=None):
         new_results, round_log = run_tasks(tasks, rounds, log_dir, args.timeout, args.max_load, retries)
         results.update(new_results)
         finished = datetime.datetime.now(datetime.timezone.utc)
-        data = {"date": started.strftime("%Y-%m-%d %H:%M UTC"), "quick": args.quick, "machine": machine_info(),
+        machine, date = machine_info(), started.strftime("%Y-%m-%d %H:%M UTC")
+        # Where each result was measured: kept results keep their own run's date and machine.
+        sources = previous.get("sources") or {name: {"date": previous["date"], "machine": previous["machine"]}
+                                              for name in previous.get("results", {})}
+        sources.update({name: {"date": date, "machine": machine} for name in new_results})
+        data = {"date": date, "quick": args.quick, "machine": machine, "sources": sources,
                 "threads": bc.THREADS, "shape": bc.BENCH_SHAPE, "wide_shape": bc.WIDE_SHAPE, "results": results,
                 "rounds": rounds, "round_log": round_log, "max_load": args.max_load, "round_retries": retries,
                 "total_s": (finished - started).total_seconds(),

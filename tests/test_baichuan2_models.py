@@ -291,3 +291,24 @@ def test_ascend_fast_paths_fall_back_on_cpu(tiny):
     assert net.model.layers[0].attention_norm.self_define          # portable RMSNorm, not the RmsNorm kernel
     logits = net(ms.Tensor(ids))[0].asnumpy()
     assert np.abs(logits - reference.logits(ids).numpy()).max() <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_expand_as_repeats_like_numpy_broadcasting(mode):
+    """``_expand_as`` (the Tile the layers use instead of broadcasting inside Mul/Add/Select, see
+    ``baichuan2_layers``) gives exactly NumPy's broadcast, for every operand shape the model uses:
+    fewer leading dims, size-1 dims in the middle or at the end, bool masks. Copies, so bit-exact."""
+    from baichuan2_layers import _expand_as  # pylint: disable=import-outside-toplevel
+
+    class Expand(ms.nn.Cell):
+        def construct(self, x, like):
+            return _expand_as(x, like)
+
+    rng = np.random.RandomState(0)
+    like = np.zeros((2, 3, 4, 5), np.float32)
+    cases = [rng.rand(5).astype(np.float32), rng.rand(2, 1, 4, 5) > 0.5, rng.rand(1, 3, 4, 5).astype(np.float32),
+             rng.rand(2, 3, 4, 1).astype(np.float32), rng.rand(4, 1).astype(np.float32)]
+    with execution_mode(mode):
+        for x in cases:
+            out = Expand()(ms.Tensor(x), ms.Tensor(like)).asnumpy()
+            assert out.dtype == x.dtype and np.array_equal(out, np.broadcast_to(x, like.shape))

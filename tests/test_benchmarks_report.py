@@ -267,3 +267,20 @@ def test_task_list_has_the_issue10_measurements():
 def test_finetune_not_available_rounds_combine_to_the_last():
     rounds = [{"available": False, "reason": "no flag"}, {"available": False, "reason": "no flag"}]
     assert run_all.combine_rounds(rounds, "finetune") == rounds[-1]
+
+
+def test_kept_results_name_their_own_run_and_machine(tmp_path):
+    """A partial run (``run_all.py --only train``) keeps the other results: the document says which kinds
+    come from which earlier run and machine, since they were not measured beside this run's."""
+    pytest.importorskip("PIL")
+    data = synthetic_data()
+    old_machine = dict(data["machine"], cpu_model="Older CPU")
+    data["sources"] = {name: {"date": "2025-12-31 00:00 UTC", "machine": old_machine} for name in data["results"]}
+    data["sources"].update({name: {"date": data["date"], "machine": data["machine"]}
+                            for name in data["results"] if name.startswith("train-")})
+    md = tmp_path / "performance.md"
+    bench_report.write_report(data, str(md), str(tmp_path / "performance.png"))
+    kept = [line for line in md.read_text(encoding="utf-8").splitlines() if line.startswith("- Kept from")]
+    assert len(kept) == 1 and "2025-12-31 00:00 UTC" in kept[0] and "Older CPU" in kept[0]
+    assert "decode" in kept[0] and "bandwidth" in kept[0] and "train" not in kept[0].split(":")[-1]
+    assert bench_report.kept_results_lines(synthetic_data()) == []      # one run: no such line

@@ -65,7 +65,7 @@ _HEAD_TEMPS = {"train": 1, "infer": 1}
 # as long as the graph lives. A decoder layer's forward has four ((B, S, h) -> heads for q, k, v and the
 # context back) and a training step's backward four more. Elementwise kernels keep 16-24 such bytes per
 # element too when an operand broadcasts (arithmetic_cpu_kernel.cc, select_cpu_kernel.cc); the model
-# broadcasts explicitly (``baichuan2_layers._expand_as``), so none are counted. Measured per op by
+# repeats operands explicitly (``baichuan2_layers._expand_as``), so none are counted. Measured per op by
 # ``benchmarks/bench_cpu_kernel_tables.py``.
 _TRANSPOSE_INDEX_BYTES = 8
 _TRANSPOSES_PER_LAYER = {"train": 8, "infer": 4}
