@@ -225,7 +225,8 @@ def activation_bytes_per_token(shape, mp, recompute, fused_norm):
 
 def prefill_widths(seq_length, minimum=16):
     """Widths of the prefill graphs generation compiles up to ``seq_length``: the powers of two from
-    ``minimum``, capped at ``seq_length`` (``baichuan2_generation._bucket``; a test keeps the two equal)."""
+    ``minimum``, capped at ``seq_length`` (``baichuan2_generation._bucket``'s rule, written here without
+    MindSpore so the planner stays light; a test keeps the two equal). The server's warm-up compiles these."""
     widths, width = [], minimum
     while width < seq_length:
         widths.append(width)
@@ -360,9 +361,9 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
         framework_bytes = CPU_FRAMEWORK_BYTES if device == "CPU" else ASCEND_WORKSPACE_BYTES
     parts["framework / workspace"] = int(framework_bytes)
     if device == "CPU":
-        judgements.append("CPU kernel index tables: 8 bytes per output element of each Transpose, per compiled "
-                          "graph (counted from the model; the per-element size from MindSpore's CPU kernel, "
-                          "measured by benchmarks/bench_cpu_kernel_tables.py)")
+        judgements.append(f"CPU kernel index tables: {_TRANSPOSE_INDEX_BYTES} bytes per output element of each "
+                          "Transpose, per compiled graph (counted from the model; the per-element size from "
+                          "MindSpore's CPU kernel, measured by benchmarks/bench_cpu_kernel_tables.py)")
         judgements.append("framework / workspace: the RSS of a process with MindSpore + MindFormers imported "
                           "(measured, see docs/memory.md)")
     else:

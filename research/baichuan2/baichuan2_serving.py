@@ -33,6 +33,7 @@ from mindspore import Tensor
 from mindspore import dtype as mstype
 
 from baichuan2_generation import _bucket, choose_next_token, decode_window
+from baichuan2_memory import prefill_widths as all_prefill_widths
 
 logger = logging.getLogger("baichuan2.serving")
 
@@ -314,9 +315,7 @@ class Baichuan2ServingEngine:
         """
         begin = time.monotonic()
         if prefill_widths is None:
-            prefill_widths = sorted({_bucket(n, self.seq_length) for n in
-                                     [16 * 2 ** i for i in range(32) if 16 * 2 ** i <= self.seq_length]
-                                     + [self.seq_length]})
+            prefill_widths = all_prefill_widths(self.seq_length)
         if decode_windows is None:
             decode_windows = [decode_window(1, self.seq_length)]
         for width in prefill_widths:
