@@ -81,6 +81,18 @@ def test_cpu_kernel_index_tables_per_compiled_graph():
     assert "CPU kernel index tables" not in mem.plan(model, run_mode="finetune", device="Ascend").parts
 
 
+def test_cpu_training_logits_buffers_and_their_judgement_agree():
+    """CPU training plans 8 tokens x vocab fp32 buffers with a trained head, 6 with LoRA's frozen head (no
+    gradient of inv_norm), and the judgement line states the count the part used."""
+    model = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 128,
+             "intermediate_size": 160}
+    lora = {"pet_type": "lora", "lora_rank": 8, "target_modules": ".*wq|.*wk|.*wv"}
+    for pet_config, count in ((None, 8), (lora, 6)):
+        planned = mem.plan(model, run_mode="finetune", batch_size=2, device="CPU", pet_config=pet_config)
+        assert planned.parts["logits / loss"] == count * 2 * 128 * 1000 * 4
+        assert f"logits / loss: {count} fp32 tokens x vocab buffers (measured on CPU)" in planned.judgements
+
+
 def test_lora_trains_only_adapters_and_mp_pp_split():
     full, lora = plan_yaml("7b_910b"), plan_yaml("7b_lora_910b")
     # rank 1 on wq/wk/wv: 32 layers x 3 x (4096 + 4096) elements, fp16 gradients and fp32 moments,

@@ -223,6 +223,11 @@ def activation_bytes_per_token(shape, mp, recompute, fused_norm):
     return per_token
 
 
+def _logit_buffers(device, training, lora):
+    """The ``_LOGIT_BUFFERS`` count of a run: training with a trained head, training with LoRA, or eval."""
+    return _LOGIT_BUFFERS[(device, ("lora" if lora else "train") if training else "eval")]
+
+
 def prefill_widths(seq_length, minimum=16):
     """Widths of the prefill graphs generation compiles up to ``seq_length``: the powers of two from
     ``minimum``, capped at ``seq_length`` (``baichuan2_generation._bucket``'s rule, written here without
@@ -371,7 +376,7 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
                           "workspace and fragmentation (a judgement)")
     if run_mode != "predict":
         measured = device == "CPU" and training
-        judgements.append(f"logits / loss: {_LOGIT_BUFFERS[(device, 'train' if training else 'eval')]} fp32 "
+        judgements.append(f"logits / loss: {_logit_buffers(device, training, bool(lora_targets))} fp32 "
                           f"tokens x vocab buffers ({'measured on CPU' if measured else 'a judgement'})")
     if device_memory_bytes is None:
         device_memory_bytes = 64 * GIB
@@ -438,7 +443,7 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
         activations += tokens * activation_bytes_per_token(shape, mp, False, fused_norm)
     parts["activations"] = activations
     if last:
-        buffers = _LOGIT_BUFFERS[(device, "lora" if lora_targets else "train")]
+        buffers = _logit_buffers(device, True, bool(lora_targets))
         parts["logits / loss"] = buffers * tokens * (shape.vocab // mp) * 4
         if not lora_targets:
             parts["lm_head norm temporaries"] = _HEAD_TEMPS["train"] * head * shape.param_bytes
@@ -468,7 +473,7 @@ def _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, u
     parts["activations"] = max(ffn_step, attention_step)
     parts["lm_head norm temporaries"] = _HEAD_TEMPS["infer"] * (shape.vocab // mp) * shape.hidden * shape.param_bytes
     if run_mode == "eval":
-        parts["logits / loss"] = _LOGIT_BUFFERS[(device, "eval")] * tokens * (shape.vocab // mp) * 4
+        parts["logits / loss"] = _logit_buffers(device, False, False) * tokens * (shape.vocab // mp) * 4
     else:      # generation scores the last valid token of each row only
         parts["logits / loss"] = 2 * batch_size * (shape.vocab // mp) * 4
     if device == "CPU":
