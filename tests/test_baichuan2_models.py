@@ -312,3 +312,38 @@ def test_expand_as_repeats_like_numpy_broadcasting(mode):
         for x in cases:
             out = Expand()(ms.Tensor(x), ms.Tensor(like)).asnumpy()
             assert out.dtype == x.dtype and np.array_equal(out, np.broadcast_to(x, like.shape))
+        same = rng.rand(2, 3, 4, 5).astype(np.float32)          # already the shape: returned as it is
+        assert np.array_equal(Expand()(ms.Tensor(same), ms.Tensor(like)).asnumpy(), same)
+
+
+@pytest.mark.parametrize("mode", [ms.PYNATIVE_MODE, ms.GRAPH_MODE])
+def test_last_axis_softmax_and_its_backward_are_the_softmax_formulas(mode):
+    """``LastAxisSoftmax`` (the attention's softmax, whose backward repeats the row sums with Tile) gives
+    softmax(x) and the vector-Jacobian product ``s * (g - sum(g * s))`` of the published formula, computed
+    here in float64 NumPy.
+
+    Tolerance from the arithmetic: the fp32 softmax has a relative error of a few eps (exp, a sum of T terms,
+    a division); the backward adds a dot product of T terms of size <= 1 and a subtraction, so each element
+    is off by at most about (T + 8) eps times max |g - sum(g * s)| <= 2."""
+    from baichuan2_layers import LastAxisSoftmax  # pylint: disable=import-outside-toplevel
+    rng = np.random.RandomState(0)
+    x = (rng.randn(2, 3, 5, 7) * 3).astype(np.float32)
+    g = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    s = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    expected_dx = s * (g - (g * s).sum(-1, keepdims=True))
+    atol = (x.shape[-1] + 8) * np.finfo(np.float32).eps * 2
+
+    class Weighted(ms.nn.Cell):      # sum(softmax(x) * g): its gradient in x is the product with g
+        def __init__(self):
+            super().__init__()
+            self.softmax = LastAxisSoftmax()
+
+        def construct(self, t, weights):
+            return (self.softmax(t) * weights).sum()
+
+    with execution_mode(mode):
+        out = LastAxisSoftmax()(ms.Tensor(x)).asnumpy()
+        weighted = ms.grad(Weighted(), grad_position=0)(ms.Tensor(x), ms.Tensor(g)).asnumpy()
+    np.testing.assert_allclose(out, s, rtol=0, atol=atol)
+    np.testing.assert_allclose(weighted, expected_dx, rtol=0, atol=atol)

@@ -61,9 +61,37 @@ def _expand_as(x, like):
     MindSpore's CPU BroadcastTo kernel is about 3x slower than Tile for a (512, 125696) result.
     Measured by ``benchmarks/bench_cpu_kernel_tables.py``; see ``docs/memory.md``.
     """
-    shape = (1,) * (len(like.shape) - len(x.shape)) + tuple(x.shape)
-    multiples = tuple(target // size for size, target in zip(shape, like.shape))
-    return ops.tile(x.reshape(shape), multiples)
+    return _expand_to(x, tuple(like.shape))
+
+
+def _expand_to(x, shape):
+    """``x`` repeated to ``shape`` (NumPy broadcasting rules; ``ops.tile``), or ``x`` itself if it has it."""
+    if tuple(x.shape) == tuple(shape):
+        return x
+    padded = (1,) * (len(shape) - len(x.shape)) + tuple(x.shape)
+    multiples = tuple(target // size for size, target in zip(padded, shape))
+    return ops.tile(x.reshape(padded), multiples)
+
+
+class LastAxisSoftmax(nn.Cell):
+    """``softmax(x, axis=-1)`` whose backward repeats the row sums explicitly. (..., T) -> (..., T), dtype of x.
+
+    Why: MindSpore's own Softmax backward, ``(dout - sum(dout * out, -1, keepdims)) * out``, subtracts a
+    (..., 1) tensor from a (..., T) one, and the CPU Sub kernel keeps 16 bytes of index tables per element
+    for the life of the graph (see ``_expand_as``): with the attention scores, that is 16 bytes per score
+    element in every layer of a training graph. The same formula on operands of one shape keeps nothing.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.softmax = ops.Softmax(axis=-1)
+
+    def construct(self, x):
+        return self.softmax(x)
+
+    def bprop(self, x, out, dout):
+        row_sums = ops.reduce_sum(dout * out, -1).expand_dims(-1)
+        return ((dout - _expand_as(row_sums, dout)) * out,)
 
 
 class Baichuan2RMSNorm(LlamaRMSNorm):
@@ -195,6 +223,10 @@ class Baichuan2Attention(nn.Cell):
         self.softmax_dtype = config.softmax_compute_type
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.score_matmul = ops.BatchMatMul(transpose_b=True)     # Q K^T without copying K
+        # The primitive, not ops.matmul: on CPU ops.matmul's 4-D training graph keeps about 10 bytes more per
+        # probability element and layer (measured); BatchMatMul keeps only its inputs for the backward.
+        self.context_matmul = ops.BatchMatMul()
+        self.softmax = LastAxisSoftmax()
         self.use_past = config.use_past
         self.is_first_iteration = True
 
@@ -254,8 +286,8 @@ class Baichuan2Attention(nn.Cell):
         # keep (B or 1, 1, S, T) and the fill take the scores' shape (a scalar fill would broadcast too).
         scores = ops.select(_expand_as(keep, scores), scores,
                             ops.fill(self.softmax_dtype, scores.shape, _MASKED_SCORE))
-        probs = ops.softmax(scores, axis=-1).astype(self.compute_dtype)
-        return ops.matmul(probs, value.astype(self.compute_dtype))
+        probs = self.softmax(scores).astype(self.compute_dtype)
+        return self.context_matmul(probs, value.astype(self.compute_dtype))
 
     def _flash_attention(self, query, key, value, keep, bias):
         """Ascend ``FlashAttentionScore`` with the same mask and ALiBi bias (fp16/bf16 compute only).
@@ -406,6 +438,8 @@ class Baichuan2Model(LlamaPreTrainedModel):
         # the BNSD kernel with the block mask.
         self.use_varlen_flash_attention = use_varlen_flash_attention(config.use_flash_attention, True,
                                                                      config.use_past) and self.uses_rope
+        # The attention layers' choice (the same call); flash attention takes the mask and bias untiled.
+        self.use_flash_attention = use_flash_attention(config.use_flash_attention, config.use_past)
         self.tok_embeddings = LlamaEmbedding(config.vocab_size, config.hidden_size,
                                              init_method_std=config.init_method_std,
                                              param_init_type=config.embedding_init_type)
@@ -434,6 +468,27 @@ class Baichuan2Model(LlamaPreTrainedModel):
         keys sit at ``key_positions`` (T,) int32. A full forward of packed rows takes each token's
         position from ``position_ids`` (B, S) int32 (restarting at 0 per conversation)."""
         raise NotImplementedError
+
+    def _tile_position_inputs(self, keep, rotary, bias, batch):
+        """The mask and ALiBi bias repeated to the scores' shape (B, H, S, T) and the rotary tables to the
+        queries' (B, H, S, D), once for all layers (``_expand_to``).
+
+        Why: every layer's elementwise ops take operands of one shape (see ``_expand_as``); repeating in
+        each layer would make L copies, and a training step without recompute keeps each layer's copy
+        (Select's condition, RoPE's cos/sin) for its backward. Here the layers share one. Flash attention
+        (Ascend) takes the (B, 1, S, T) mask and the bias as they are.
+        """
+        heads = self.num_heads
+        if rotary is not None:
+            cos, sin, swap_mask = rotary
+            rope_shape = (batch, heads) + tuple(cos.shape[-2:])
+            rotary = (_expand_to(cos, rope_shape), _expand_to(sin, rope_shape), swap_mask)
+        if not self.use_flash_attention:
+            score_shape = (batch, heads) + tuple(keep.shape[-2:])
+            keep = _expand_to(keep, score_shape)
+            if bias is not None:
+                bias = _expand_to(bias, score_shape)
+        return keep, rotary, bias
 
     @staticmethod
     def _packed_keep(position_ids):
@@ -478,6 +533,7 @@ class Baichuan2Model(LlamaPreTrainedModel):
             position = None
             keep = ops.tril(ops.ones((seq_len, seq_len), mstype.bool_)).reshape(1, 1, seq_len, seq_len)
         rotary, bias = self._position_inputs(seq_len, position, key_positions, position_ids)
+        keep, rotary, bias = self._tile_position_inputs(keep, rotary, bias, tokens.shape[0])
         seq_ends = None
         if position_ids is not None and self.use_varlen_flash_attention:
             seq_ends = self._seq_ends(position_ids)
