@@ -62,6 +62,25 @@ def test_kv_cache_formula():
     assert "KV cache" not in plan_yaml("7b_4096_910b", run_mode="predict", use_past=False).parts
 
 
+def test_attention_memory_follows_the_path_the_model_takes():
+    """Flash attention only where the model runs it (Ascend, no use_past): on CPU a YAML's
+    ``use_flash_attention: True`` plans the portable attention's probabilities (S x S per head and layer) and
+    its once-per-step mask and backward working set. 13B (ALiBi, read from ``model.arch.type``) has no
+    shared rotary tables, 7B does: 2 fp32 (B, S, h)."""
+    seq, heads, layers = 4096, 32, 32
+    ascend = plan_yaml("7b_4096_910b")                     # use_flash_attention True, recompute False
+    cpu = plan_yaml("7b_4096_910b", device="CPU")
+    scores = seq * seq * heads
+    probs = 4 + 2                                          # fp32 softmax output and its fp16 copy
+    once = scores * (1 + 3 * 4)
+    assert cpu.parts["activations"] - ascend.parts["activations"] == layers * probs * scores + once \
+        + 2 * layers * (2 * 4 * 4096 + 2 * 4096) * seq     # the portable RMSNorm's items (fused on Ascend)
+    config = yaml_config("7b_4096_910b")
+    config["model"]["arch"]["type"] = "Baichuan13BV2ForCausalLM"
+    alibi = mem.plan_from_config(config, run_mode="finetune", device_memory_bytes=None)
+    assert ascend.parts["activations"] - alibi.parts["activations"] == 2 * 4 * seq * 4096
+
+
 def test_cpu_kernel_index_tables_per_compiled_graph():
     """On CPU each compiled graph keeps 8 bytes per output element of every Transpose (4 per layer forward,
     4 more in a training backward); generation compiles one prefill graph per power-of-two width up to
@@ -291,8 +310,11 @@ def test_cli_errors_are_one_line(args):
 
 TINY = {"vocab": 125696, "hidden": 256, "layers": 1, "heads": 4, "ffn": 768, "seq": 128, "batch": 1}
 SMALL = {"vocab": 125696, "hidden": 512, "layers": 2, "heads": 8, "ffn": 1536, "seq": 256, "batch": 1}
+# Long sequence, many heads, small vocabulary: the attention's probabilities, its shared mask and its backward
+# working set are most of the memory (the other cases are dominated by the 125696-word head).
+LONG = {"vocab": 4096, "hidden": 256, "layers": 2, "heads": 16, "ffn": 768, "seq": 1024, "batch": 1}
 VALIDATION_CASES = [(SMALL, "finetune"), (TINY, "predict"), (TINY, "predict_cache"), (TINY, "finetune"),
-                    (TINY, "lora"), (SMALL, "lora")]
+                    (TINY, "lora"), (SMALL, "lora"), (LONG, "finetune")]
 
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,10 @@ _HEAD_TEMPS = {"train": 1, "infer": 1}
 # repeats operands explicitly (``baichuan2_layers._expand_as``), so none are counted. Measured per op by
 # ``benchmarks/bench_cpu_kernel_tables.py``.
 _TRANSPOSE_INDEX_BYTES = 8
+# Score-sized tensors (softmax dtype) live at once while one layer's attention runs its backward (the
+# gradient of the probabilities, the repeated row sums and their difference): 3, measured on CPU as the
+# once-only part of the growth with the number of heads (docs/memory.md); a judgement elsewhere.
+_ATTENTION_BACKWARD_SCORES = 3
 _TRANSPOSES_PER_LAYER = {"train": 8, "infer": 4}
 # Ascend: HCCL buffers, graph workspace, runtime reserve and fragmentation inside max_device_memory.
 ASCEND_WORKSPACE_BYTES = 2 * GIB
@@ -174,6 +178,7 @@ class _Shape:
     compute_bytes: int
     softmax_bytes: int
     flash_attention: bool
+    rope: bool = True       # 7B rotates q and k (RoPE); 13B adds an ALiBi bias instead
 
     @classmethod
     def from_config(cls, model_config, seq_length=None):
@@ -209,18 +214,37 @@ def activation_bytes_per_token(shape, mp, recompute, fused_norm):
     """Bytes one decoder layer keeps per token for its backward pass (sharded by mp where the model splits).
 
     Without recompute, in compute dtype c: the layer input, first norm output, rotated q and k, v, attention
-    context, residual and second norm output (8 h), the SwiGLU gate, SiLU, up and product (4 I); the portable
-    RMSNorm also keeps its fp32 input copies (2 x 4 h; Ascend's fused RmsNorm keeps only x and 1/rms); and,
-    without flash attention, the softmax input and output in the softmax dtype plus the probabilities in c
+    context, residual and second norm output (8 h), the SwiGLU gate, SiLU, up and product (4 I). The
+    portable RMSNorm (``baichuan2_layers.Baichuan2RMSNorm``; Ascend's fused RmsNorm keeps only x and 1/rms)
+    also keeps, per norm, its fp32 input copy and the repeated 1/rms factor (2 x 4 h) and the repeated weight
+    (c h). RoPE keeps nothing per layer: its products are with constant tables, whose gradient is never
+    formed, so only the shared tables stay (``attention_shared_bytes``). Without flash attention: the probabilities, in the softmax dtype for the softmax's backward
+    (``LastAxisSoftmax`` needs only its output) and, when c differs, their copy in c for the context matmul
     (H x S each). With recompute only the layer input (c h).
     """
     c, h, f = shape.compute_bytes, shape.hidden, shape.ffn
     if recompute:
         return c * h
-    per_token = c * (8 * h + 4 * f) // mp + (0 if fused_norm else 4 * 2 * h)
+    per_token = c * (8 * h + 4 * f) // mp
+    if not fused_norm:
+        per_token += 2 * (2 * 4 * h + c * h)
     if not shape.flash_attention:
-        per_token += (2 * shape.softmax_bytes + c) * (shape.heads // mp) * shape.seq
+        probs = shape.softmax_bytes + (c if c != shape.softmax_bytes else 0)
+        per_token += probs * (shape.heads // mp) * shape.seq
     return per_token
+
+
+def attention_shared_bytes(shape, mp, batch_size):
+    """What a training step of the portable attention holds once, not per layer: the causal mask repeated to
+    the scores' shape (1 byte per score element) and the rotary tables repeated to the queries' shape (7B, 2
+    fp32 (B, H, S, D)), which every layer shares (``Baichuan2Model._tile_position_inputs``), and one layer's
+    backward working set (``_ATTENTION_BACKWARD_SCORES`` score-sized tensors in the softmax dtype)."""
+    heads = shape.heads // mp
+    scores = batch_size * heads * shape.seq * shape.seq
+    shared = 2 * 4 * batch_size * shape.seq * shape.hidden // mp if shape.rope else 0
+    if shape.flash_attention:
+        return shared
+    return shared + scores * (1 + _ATTENTION_BACKWARD_SCORES * shape.softmax_bytes)
 
 
 def _logit_buffers(device, training, lora):
@@ -249,7 +273,7 @@ def cpu_kernel_table_bytes(shape, n_layers, mp, graph_tokens, training):
 def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None, recompute=None,
          batch_size=None, device="Ascend", device_memory_bytes=None, pet_config=None, use_past=None,
          seq_length=None, parallel_optimizer=None, framework_bytes=None, vocab_emb_dp=None,
-         load_checkpoint=False):
+         load_checkpoint=False, rope=True):
     """Per-device memory of one run.
 
     Args:
@@ -277,6 +301,8 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
             ``transform_and_load_checkpoint``, safetensors, rank_x layouts); ``CHECKPOINT_STREAM``: complete
             ``.ckpt`` files streamed tensor by tensor (``baichuan2_inference.load_weights``), one tensor in
             flight, the largest being the V x h embedding in the checkpoint's dtype.
+        rope: the 7B architecture (rotary positions; True) or the 13B one (ALiBi; False). ``plan_from_config``
+            reads it from ``model.arch.type``.
     Returns:
         ``MemoryPlan``.
     """
@@ -285,6 +311,7 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
     loading = checkpoint_loading(load_checkpoint)
     device = "CPU" if str(device).upper() == "CPU" else "Ascend"
     shape = _Shape.from_config(model_config, seq_length)
+    shape.rope = bool(rope)
     dp = int(_get(parallel_config, "data_parallel", 1))
     mp = int(_get(parallel_config, "model_parallel", 1))
     pp = int(_get(parallel_config, "pipeline_stage", 1))
@@ -306,6 +333,8 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
     if use_past is None:
         use_past = bool(_get(model_config, "use_past", False))
     use_past = bool(use_past) and run_mode == "predict"
+    # The model's rule (baichuan2_device.use_flash_attention): a device that has it, and never with use_past.
+    shape.flash_attention = shape.flash_attention and device == "Ascend" and not use_past
     if recompute is None:
         recompute = False
     recompute = bool(recompute) and training
@@ -392,7 +421,7 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
         memory_plan.suggestions = _suggestions(model_config, parallel_config, run_mode, optimizer, recompute,
                                                batch_size, device, device_memory_bytes, pet_config, use_past,
                                                seq_length, parallel_optimizer, framework_bytes, vocab_emb_dp,
-                                               load_checkpoint)
+                                               load_checkpoint, rope)
     return memory_plan
 
 
@@ -441,6 +470,7 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
     activations = in_flight * tokens * n_layers * per_token
     if recompute:      # the layer being recomputed holds its full set once
         activations += tokens * activation_bytes_per_token(shape, mp, False, fused_norm)
+    activations += attention_shared_bytes(shape, mp, tokens // shape.seq)
     parts["activations"] = activations
     if last:
         buffers = _logit_buffers(device, True, bool(lora_targets))
@@ -490,7 +520,7 @@ def _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, u
 
 def _suggestions(model_config, parallel_config, run_mode, optimizer, recompute, batch_size, device,
                  device_memory_bytes, pet_config, use_past, seq_length, parallel_optimizer, framework_bytes,
-                 vocab_emb_dp, load_checkpoint=False):
+                 vocab_emb_dp, load_checkpoint=False, rope=True):
     """The smallest single changes (first that fit, in order of cost) that bring the plan under the device."""
     base = {"data_parallel": int(_get(parallel_config, "data_parallel", 1)),
             "model_parallel": int(_get(parallel_config, "model_parallel", 1)),
@@ -501,7 +531,7 @@ def _suggestions(model_config, parallel_config, run_mode, optimizer, recompute, 
     kwargs = dict(run_mode=run_mode, optimizer=optimizer, recompute=recompute, batch_size=batch_size,
                   device=device, device_memory_bytes=device_memory_bytes, pet_config=pet_config,
                   use_past=use_past, seq_length=seq_length, parallel_optimizer=parallel_optimizer,
-                  framework_bytes=framework_bytes, load_checkpoint=load_checkpoint)
+                  framework_bytes=framework_bytes, load_checkpoint=load_checkpoint, rope=rope)
 
     def fits(label, parallel=None, **changes):
         try:
@@ -591,7 +621,8 @@ def plan_from_config(config, run_mode=None, device_memory_bytes=None, device=Non
                   optimizer=_get(_get(config, "optimizer"), "type"), recompute=recompute,
                   batch_size=batch_size, device=device,
                   parallel_optimizer=bool(_get(_get(config, "parallel"), "enable_parallel_optimizer", False))
-                  and bool(_get(config, "use_parallel", False)))
+                  and bool(_get(config, "use_parallel", False)),
+                  rope=not str(_get(_get(_get(config, "model"), "arch"), "type", "")).startswith("Baichuan13B"))
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if device_memory_bytes is None:
         if device == "CPU":
