@@ -33,14 +33,13 @@ Sizes are in bytes; "GB" in ``max_device_memory`` is MindSpore's GiB (2**30), as
 import re
 from dataclasses import dataclass, field
 
+from baichuan2_names import DEFAULT_LORA_TARGETS, LINEAR_CELLS, ffn_width     # pure Python: the one lists
 from baichuan2_parallel import config_value as _get, layer_to_stage     # pure Python: the pipeline-stage rule
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 TRAIN_MODES = ("train", "finetune")
 RUN_MODES = ("train", "finetune", "eval", "predict")
-LINEAR_CELLS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-DEFAULT_LORA_TARGETS = r".*dense*|.*linear*"      # mindformers LoraAdapter default
 
 # Number of (tokens x vocab/mp) fp32 buffers alive at the peak of the lm_head + loss.
 # CPU: measured for this project's NormHead + ``baichuan2_loss.MaskedCrossEntropy`` under MindSpore 2.7.2 CPU
@@ -132,20 +131,6 @@ def parse_size(text):
         raise MemoryConfigError(f"memory size {text!r} is not a size like '59GB' or '512MB'")
     scale = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[match.group(2).upper()]
     return int(float(match.group(1)) * scale)
-
-
-def ffn_width(model_config):
-    """FFN width as MindFormers' LlamaFeedForward derives it (11008 for 7B, 13696 for 13B)."""
-    explicit = _get(model_config, "intermediate_size")
-    if explicit:
-        return int(explicit)
-    hidden = int(_get(model_config, "hidden_size"))
-    width = int(2 * 4 * hidden / 3)
-    multiplier = _get(model_config, "ffn_dim_multiplier")
-    if multiplier:
-        width = int(2 * int((multiplier + 0.01) * 4 * hidden) / 3)
-    multiple = int(_get(model_config, "multiple_of", 256))
-    return multiple * ((width + multiple - 1) // multiple)
 
 
 def layers_per_stage(num_layers, pp, offset=0):
