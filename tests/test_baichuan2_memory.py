@@ -79,6 +79,11 @@ def test_attention_memory_follows_the_path_the_model_takes():
     config["model"]["arch"]["type"] = "Baichuan13BV2ForCausalLM"
     alibi = mem.plan_from_config(config, run_mode="finetune", device_memory_bytes=None)
     assert ascend.parts["activations"] - alibi.parts["activations"] == 2 * 4 * seq * 4096
+    # Without model.arch.type the network is built from trainer.model_name, and so is the plan.
+    config["model"]["arch"]["type"] = None
+    config["trainer"]["model_name"] = "baichuan2_13b"
+    by_name = mem.plan_from_config(config, run_mode="finetune", device_memory_bytes=None)
+    assert by_name.parts["activations"] == alibi.parts["activations"]
 
 
 def test_cpu_kernel_index_tables_per_compiled_graph():

@@ -175,14 +175,28 @@ def load_config(yaml_path):
     return config
 
 
+def architecture_name(config):
+    """The network class name a config builds: ``model.arch.type``, or failing that ``trainer.model_name``
+    through ``MODEL_NAMES``; None if neither says. ``config``: a dict, ``YamlConfig`` or ``MindFormerConfig``."""
+    def get(node, key):
+        if node is None:
+            return None
+        return node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+    return get(get(get(config, "model"), "arch"), "type") or MODEL_NAMES.get(get(get(config, "trainer"), "model_name"))
+
+
+def uses_alibi(config):
+    """Whether the config builds Baichuan2-13B (ALiBi positions) rather than 7B (RoPE)."""
+    return architecture_name(config) == MODEL_NAMES["baichuan2_13b"]
+
+
 def model_class_for(config):
     """The network class named by ``model.arch.type`` (or, failing that, ``trainer.model_name``)."""
     import baichuan2_7b  # pylint: disable=import-outside-toplevel
     import baichuan2_13b  # pylint: disable=import-outside-toplevel
     classes = {cls.__name__: cls for cls in (baichuan2_7b.Baichuan7BV2ForCausalLM,
                                               baichuan2_13b.Baichuan13BV2ForCausalLM)}
-    arch = config.model.arch.type if config.model and config.model.arch else None
-    name = arch or MODEL_NAMES.get(config.trainer.model_name if config.trainer else None)
+    name = architecture_name(config)
     if name not in classes:
         raise ValueError(f"model.arch.type must be one of {sorted(classes)}, got {name!r}")
     return classes[name]

@@ -33,6 +33,7 @@ Sizes are in bytes; "GB" in ``max_device_memory`` is MindSpore's GiB (2**30), as
 import re
 from dataclasses import dataclass, field
 
+from baichuan2_config import uses_alibi     # pure Python: which architecture a YAML builds
 from baichuan2_names import DEFAULT_LORA_TARGETS, LINEAR_CELLS, ffn_width     # pure Python: the one lists
 from baichuan2_parallel import config_value as _get, layer_to_stage     # pure Python: the pipeline-stage rule
 
@@ -203,9 +204,10 @@ def activation_bytes_per_token(shape, mp, recompute, fused_norm):
     portable RMSNorm (``baichuan2_layers.Baichuan2RMSNorm``; Ascend's fused RmsNorm keeps only x and 1/rms)
     also keeps, per norm, its fp32 input copy and the repeated 1/rms factor (2 x 4 h) and the repeated weight
     (c h). RoPE keeps nothing per layer: its products are with constant tables, whose gradient is never
-    formed, so only the shared tables stay (``attention_shared_bytes``). Without flash attention: the probabilities, in the softmax dtype for the softmax's backward
-    (``LastAxisSoftmax`` needs only its output) and, when c differs, their copy in c for the context matmul
-    (H x S each). With recompute only the layer input (c h).
+    formed, so only the shared tables stay (``attention_shared_bytes``). Without flash attention: the
+    probabilities, in the softmax dtype for the softmax's backward (``LastAxisSoftmax`` needs only its
+    output) and, when c differs, their copy in c for the context matmul (H x S each). With recompute only
+    the layer input (c h).
     """
     c, h, f = shape.compute_bytes, shape.hidden, shape.ffn
     if recompute:
@@ -287,7 +289,7 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
             ``.ckpt`` files streamed tensor by tensor (``baichuan2_inference.load_weights``), one tensor in
             flight, the largest being the V x h embedding in the checkpoint's dtype.
         rope: the 7B architecture (rotary positions; True) or the 13B one (ALiBi; False). ``plan_from_config``
-            reads it from ``model.arch.type``.
+            reads it from ``model.arch.type`` (or ``trainer.model_name``), as the network is built.
     Returns:
         ``MemoryPlan``.
     """
@@ -607,7 +609,7 @@ def plan_from_config(config, run_mode=None, device_memory_bytes=None, device=Non
                   batch_size=batch_size, device=device,
                   parallel_optimizer=bool(_get(_get(config, "parallel"), "enable_parallel_optimizer", False))
                   and bool(_get(config, "use_parallel", False)),
-                  rope=not str(_get(_get(_get(config, "model"), "arch"), "type", "")).startswith("Baichuan13B"))
+                  rope=not uses_alibi(config))
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
     if device_memory_bytes is None:
         if device == "CPU":
