@@ -9,9 +9,12 @@ peak RSS of a process is then the peak of that one measurement). Tasks:
 * ``decode --impl {ours7b,ours13b,hf,mf}``: greedy decoding of ``--new`` tokens after a
   ``--prompt``-token prompt (``--batch`` equal prompts; ``--shape bench|wide``), ``--reps`` times
   after a warm-up; decode excludes the prefill.
-* ``train --impl {ours7b,mf,hf} [--variant plainhead]``: forward + backward + AdamW step, ``--steps``
-  timed steps after ``--warmup`` steps; ``plainhead`` swaps our NormHead for a plain head in that
-  process (memory attribution against MindFormers' Llama).
+* ``train --impl {ours7b,mf,hf} [--variant plainhead] [--optimizer nn|project]``: forward + backward +
+  AdamW step, ``--steps`` timed steps after ``--warmup`` steps; ``plainhead`` swaps our NormHead for a
+  plain head in that process (memory attribution against MindFormers' Llama). ``--optimizer``: see
+  ``make_optimizer``.
+* ``optimizer --optimizer {nn,mindformers,project}``: one optimizer step alone over the bench-shape
+  model's weights, with fixed random gradients.
 * ``finetune [--pack]``: ours 7B fine-tuned on the bundled Belle sample, tokenised by
   ``belle_preprocess.py`` at ``--seq`` (``--pack True`` when it has that flag); real tokens
   (non-padding inputs, label-bearing targets) per second.
@@ -51,6 +54,28 @@ def build_ours(kind, use_past, batch_size, seq_length, shape=None):
     import baichuan2_13b  # pylint: disable=import-outside-toplevel
     cls = {"ours7b": baichuan2_7b.Baichuan7BV2ForCausalLM, "ours13b": baichuan2_13b.Baichuan13BV2ForCausalLM}[kind]
     return cls(ms_config(use_past, batch_size, seq_length, shape))
+
+
+OPTIMIZERS = {
+    "nn": "mindspore.nn.AdamWeightDecay",
+    "mindformers": "mindformers AdamW",
+    "project": "FP32StateAdamWeightDecay (the YAMLs' optimizer; FusedAdamW on CPU)",
+}
+
+
+def make_optimizer(params, which):
+    """The AdamW of a training measurement, learning rate 1e-5, no weight decay: ``nn`` is MindSpore's
+    ``nn.AdamWeightDecay`` (the baselines'), ``mindformers`` MindFormers' ``AdamW`` (what the Trainer ran
+    before this plugin fused it), ``project`` the optimizer the plugin's YAMLs name, as ``run_baichuan2.py``
+    builds it (on CPU ``baichuan2_optim.FusedAdamW``)."""
+    if which == "nn":
+        from mindspore import nn  # pylint: disable=import-outside-toplevel
+        return nn.AdamWeightDecay(params, learning_rate=1e-5, weight_decay=0.0)
+    if which == "mindformers":
+        from mindformers.core.optim.adamw import AdamW  # pylint: disable=import-outside-toplevel
+        return AdamW(params, learning_rate=1e-5, weight_decay=0.0)
+    from baichuan2_trainer_setup import FP32StateAdamWeightDecay  # pylint: disable=import-outside-toplevel
+    return FP32StateAdamWeightDecay(params, learning_rate=1e-5, weight_decay=0.0)
 
 
 def decode_window(length, seq_length):
@@ -333,7 +358,7 @@ def train_ms(args, ms):
         net = build_ours(args.impl, False, args.batch, args.seq)
     net.set_train(True)
     built_rss = bc.current_rss_mb()
-    optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-5, weight_decay=0.0)
+    optimizer = make_optimizer(net.trainable_params(), args.optimizer)
     step = nn.TrainOneStepCell(net, optimizer)
     step.set_train(True)
     rng = np.random.RandomState(0)
@@ -346,7 +371,7 @@ def train_ms(args, ms):
         times.append(time.perf_counter() - start)
         losses.append(loss)
     return {"params": count_params_ms(net), "step_times": times, "losses": losses, "rss_after_build_mb": built_rss,
-            "mode": ms.get_context("mode"), "optimizer": "mindspore.nn.AdamWeightDecay", "variant": args.variant}
+            "mode": ms.get_context("mode"), "optimizer": OPTIMIZERS[args.optimizer], "variant": args.variant}
 
 
 def train_hf(args, torch):
@@ -432,11 +457,11 @@ def real_tokens(record, pad_token_id=0, ignore=-100):
 
 
 def task_finetune(args):
-    """Ours 7B shape, batch 1 x ``--seq``, GRAPH mode, AdamWeightDecay, on the Belle records in order."""
+    """Ours 7B shape, batch 1 x ``--seq``, GRAPH mode, ``--optimizer``, on the Belle records in order."""
     import shutil  # pylint: disable=import-outside-toplevel
     import tempfile  # pylint: disable=import-outside-toplevel
     result = {"task": "finetune", "impl": "ours7b", "seq": args.seq, "batch": 1, "packed": bool(args.pack),
-              "warmup": args.warmup, "steps": args.steps}
+              "warmup": args.warmup, "steps": args.steps, "optimizer": OPTIMIZERS[args.optimizer]}
     if args.pack and not pack_flag_available():
         result.update(available=False, reason="belle_preprocess.py has no --pack option yet")
         return result
@@ -467,7 +492,7 @@ def task_finetune(args):
                 return self.network(input_ids, labels)
             return self.network(input_ids, labels, position_ids=position_ids)
 
-    optimizer = nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-5, weight_decay=0.0)
+    optimizer = make_optimizer(net.trainable_params(), args.optimizer)
     step = nn.TrainOneStepCell(WithLabels(net), optimizer)
     step.set_train(True)
     losses, times, used = [], [], []
@@ -565,7 +590,7 @@ def categorize(rows, steps, phase):
         elif op_type in ("ScatterNdUpdate", "ScatterUpdate", "TensorScatterUpdate", "IndexAdd", "TensorMove"):
             add("KV cache write (" + op_type + ")", total)
         elif "optimizer" in name or op_type.startswith("Adam"):
-            add("optimizer (AdamWeightDecay)", total)
+            add("optimizer (AdamW)", total)
         elif "lm_head" in name:
             add("lm_head non-MatMul ops (NormHead row norms and their gradients)", total)
         elif "loss" in name:
@@ -609,8 +634,7 @@ def task_profile(args):
         net = build_mf_llama(args.batch, args.seq) if args.impl == "mf" else build_ours(args.impl, False, args.batch,
                                                                                            args.seq)
         net.set_train(True)
-        step = nn.TrainOneStepCell(net, nn.AdamWeightDecay(net.trainable_params(), learning_rate=1e-5,
-                                                           weight_decay=0.0))
+        step = nn.TrainOneStepCell(net, make_optimizer(net.trainable_params(), args.optimizer))
         step.set_train(True)
         batch = Tensor(np.random.RandomState(0).randint(3, bc.BENCH_SHAPE["vocab_size"],
                                                         size=(args.batch, args.seq + 1)).astype(np.int32))
@@ -638,16 +662,43 @@ def task_profile(args):
     if args.phase == "decode":
         result["kv_window_slots"] = decode_window(position[0], bc.BENCH_SHAPE["seq_length"])
     result.update(task="profile", impl=args.impl, phase=args.phase, steps=steps, wall_ms=1000 * bc.median(wall),
+                  optimizer=OPTIMIZERS[args.optimizer] if args.phase == "train" else None,
                   prompt=args.prompt if args.phase == "decode" else None,
                   batch=args.batch, seq=args.seq if args.phase == "train" else None)
     return result
+
+
+def task_optimizer(args):
+    """One ``--optimizer`` step alone over the trainable weights of ours 7B at the bench shape (fixed random
+    gradients of the weights' scale), ``--steps`` timed steps after ``--warmup``; the step is synchronised by
+    reading one updated element back."""
+    ms = bc.setup_mindspore("graph")
+    from mindspore import Tensor  # pylint: disable=import-outside-toplevel
+    net = build_ours("ours7b", False, 1, 64)
+    params = net.trainable_params()
+    optimizer = make_optimizer(params, args.optimizer)
+    rng = np.random.RandomState(0)
+    grads = tuple(Tensor((rng.standard_normal(p.shape) * 1e-3).astype(np.float32)) for p in params)
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        optimizer(grads)
+        params[0][0].asnumpy()
+        times.append(time.perf_counter() - start)
+    elements = sum(int(np.prod(p.shape)) for p in params)
+    timed = times[args.warmup:]
+    return {"task": "optimizer", "optimizer": OPTIMIZERS[args.optimizer], "kind": args.optimizer,
+            "params": elements, "step_times": times, "step_s": bc.median(timed), "steps_s": 1 / bc.median(timed),
+            "first_step_s": times[0],
+            # weight, gradient, m, v read and weight, m, v written once: the least an AdamW step moves
+            "min_bytes": elements * 4 * 7, "mode": ms.get_context("mode")}
 
 
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("task", choices=("bandwidth", "gemm", "decode", "train", "finetune", "profile"))
+    parser.add_argument("task", choices=("bandwidth", "gemm", "decode", "train", "finetune", "profile", "optimizer"))
     parser.add_argument("--out", required=True, help="JSON file for the result")
     parser.add_argument("--impl", default="ours7b", choices=("ours7b", "ours13b", "mf", "hf"))
     parser.add_argument("--mode", default="graph", choices=("graph", "pynative"), help="MindSpore mode (decode)")
@@ -664,10 +715,12 @@ def main(argv=None):
     parser.add_argument("--pack", action="store_true", help="finetune: belle_preprocess.py --pack True")
     parser.add_argument("--variant", default="", choices=("", "plainhead"),
                         help="train (ours): plainhead = NormHead replaced by a plain head (memory attribution)")
+    parser.add_argument("--optimizer", default="nn", choices=tuple(OPTIMIZERS),
+                        help="train, finetune, profile, optimizer: which AdamW (see make_optimizer)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     tasks = {"bandwidth": task_bandwidth, "gemm": task_gemm, "decode": task_decode, "train": task_train,
-             "finetune": task_finetune, "profile": task_profile}
+             "finetune": task_finetune, "profile": task_profile, "optimizer": task_optimizer}
     result = tasks[args.task](args)
     result["threads"] = bc.THREADS
     bc.write_result(args.out, result)

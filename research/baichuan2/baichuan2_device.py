@@ -34,6 +34,10 @@ class DeviceCapabilities:
         half_precision_matmul: fp16/bf16 matmuls are fast and accurate enough to be the default.
         varlen_flash_attention: ``FlashAttentionScore`` takes the variable-length (TND layout,
             ``actual_seq_qlen`` / ``actual_seq_kvlen``) form used for packed rows.
+        fused_adam: AdamW over fp32 weights runs as one ``ops.Adam`` kernel per weight
+            (``baichuan2_optim.FusedAdamW``) instead of MindFormers' dozen elementwise kernels. On CPU
+            each of those is a memory-bound pass (the fused step is ~20x faster at the bench shape,
+            docs/performance.md); on Ascend MindFormers' graph is kept as MindFormers runs it.
     """
     device_target: str
     fused_rms_norm: bool
@@ -43,12 +47,13 @@ class DeviceCapabilities:
     pipeline_parallel: bool
     half_precision_matmul: bool
     varlen_flash_attention: bool = False
+    fused_adam: bool = False
 
 
 _TABLE = {
     "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True, varlen_flash_attention=True),
     "GPU": DeviceCapabilities("GPU", False, False, False, True, True, True),
-    "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False),
+    "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False, fused_adam=True),
 }
 
 
@@ -93,6 +98,13 @@ def use_varlen_flash_attention(requested, packed, use_past=False):
     """
     caps = device_capabilities()
     return bool(requested and packed and caps.varlen_flash_attention and not use_past)
+
+
+def use_fused_adam(weight_dtypes):
+    """Whether AdamW should update weights of ``weight_dtypes`` (MindSpore dtypes) with ``ops.Adam``:
+    on a device that prefers it, when every weight is float32 (the kernel keeps weight and moments in
+    one dtype, and the moments are fp32)."""
+    return device_capabilities().fused_adam and all(dtype == ms.float32 for dtype in weight_dtypes)
 
 
 def check_parallel_supported(model_parallel, pipeline_stage):

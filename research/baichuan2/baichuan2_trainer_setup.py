@@ -2,7 +2,9 @@
 
 * ``FP32StateAdamWeightDecay``: the optimizer the original YAMLs name. MindFormers 1.8 dropped it;
   this registers the name again as MindFormers' ``AdamW`` (fp32 moments) with the original
-  ``beta1``/``beta2``/``eps``/``weight_decay`` keys, so the YAMLs keep working unchanged.
+  ``beta1``/``beta2``/``eps``/``weight_decay`` keys, so the YAMLs keep working unchanged. Where the
+  device module says so (CPU, fp32 weights) it is ``baichuan2_optim.FusedAdamW``, the same AdamW
+  step as one kernel per weight.
 * ``TokenPerplexityMetric``: perplexity over tokens, ``exp(sum NLL / number of counted tokens)``
   over the whole dataset (MindFormers' ``PerplexityMetric`` averages per-batch means instead).
 * ``prepare_cpu_training()``: MindSpore's loss-scale wrapper checks overflow with
@@ -21,7 +23,9 @@ from mindformers.core.callback import CheckpointMonitor
 from mindformers.core.optim import AdamW
 from mindformers.tools.register import MindFormerRegister, MindFormerModuleType
 
-from baichuan2_device import check_parallel_supported, device_capabilities, needs_portable_training_ops
+from baichuan2_device import (check_parallel_supported, device_capabilities, needs_portable_training_ops,
+                              use_fused_adam)
+from baichuan2_optim import FusedAdamW
 
 logger = logging.getLogger("baichuan2")
 
@@ -34,7 +38,21 @@ class FP32StateAdamWeightDecay:
         unknown = set(kwargs) - {"param_init_type"}
         if unknown:
             raise TypeError(f"FP32StateAdamWeightDecay got unexpected YAML keys {sorted(unknown)}")
-        return AdamW(params, learning_rate=learning_rate, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+        optimizer = FusedAdamW if use_fused_adam(_weight_dtypes(params)) else AdamW
+        return optimizer(params, learning_rate=learning_rate, betas=(beta1, beta2), eps=eps,
+                         weight_decay=weight_decay)
+
+
+def _weight_dtypes(params):
+    """The dtypes of an optimizer's ``params``: a list of Parameters, or of groups ``{"params": [...]}``
+    (``order_params`` only reorders the groups' weights)."""
+    weights = []
+    for item in params:
+        if isinstance(item, dict):
+            weights.extend(item.get("params", ()))
+        else:
+            weights.append(item)
+    return [weight.dtype for weight in weights]
 
 
 @MindFormerRegister.register(MindFormerModuleType.CALLBACK)
