@@ -41,9 +41,10 @@ PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "numpy")
 ONCE = ("decode-ours7b-b4-p64", "decode-wide-ours7b-p64", "decode-wide-ours7b-p1024", "decode-wide-ours7b-b4-p64",
         "finetune-unpacked-long", "finetune-packed-long",
         "train-ours7b-plainhead", "train-ours7b-nnadam")
-# The long-sequence fine-tuning point: what 24 GB hold for a training step of ours at batch 1 (peak
-# RSS grows ~12.5 MiB per token from 8.1 GB at 64 tokens and 13.7 GB at 512: ~20 GB at 1024; 2048
-# would need ~33 GB). ``--long-seq`` overrides it.
+# The long-sequence fine-tuning point. Before the attention's softmax and the optimizer were reworked a
+# training step of ours at batch 1 grew ~12.5 MiB per token (13.7 GB at 512), so 1024 was what 24 GB held;
+# now 7.7 GB at 512 and 8.8 GB at 1024 (2026-12-03), so 2048 would fit too but doubles the run time of
+# these tasks. ``--long-seq`` overrides it.
 LONG_SEQ = 1024
 
 

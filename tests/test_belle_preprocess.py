@@ -20,7 +20,7 @@ NON_ALTERNATING = ["65045", "62797", "17014", "19208", "54719"]
 
 
 def reference_example(conversation, sp, seq_length):
-    """Facts sheet §3.2, written independently of belle_preprocess, on raw SentencePiece."""
+    """The original's template (MindFormers r1.0 ``research/baichuan2/belle_preprocess.py``), written independently of belle_preprocess, on raw SentencePiece."""
     user, assistant, eos = sp.piece_to_id("<reserved_106>"), sp.piece_to_id("<reserved_107>"), sp.eos_id()
     tokens, targets = [], []
     for turn in conversation:

@@ -23,7 +23,8 @@ from hf_fixtures import random_hf_state_dict, tiny_hf_config, write_hf_checkpoin
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Facts sheet §4.1, written out by hand for 2 layers.
+# The original converter's name mapping (MindFormers r1.0 research/baichuan/convert_weight.py), written out by
+# hand for 2 layers.
 FACTS_MS_NAMES = ["model.tok_embeddings.embedding_weight", "model.norm_out.weight",
                   "lm_head.weight"]
 for _i in range(2):

@@ -1,4 +1,4 @@
-"""baichuan2_parallel: pipeline stage assignment (facts sheet §5) and the up-front layout checks."""
+"""baichuan2_parallel: pipeline stage assignment (as MindFormers r1.0 ``mindformers/models/llama/llama.py``) and the up-front layout checks."""
 import pytest
 
 from baichuan2_parallel import ParallelConfigError, layer_to_stage, stage_layers, validate_parallel_config

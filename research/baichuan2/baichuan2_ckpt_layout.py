@@ -2,9 +2,9 @@
 
 This is the strategy-free counterpart of MindSpore's ``transform_checkpoints`` (which needs the
 strategy files that only a semi-auto-parallel compile on Ascend/GPU writes). The layout is derived from
-the parameter names (design.md / facts sheet §4):
+the parameter names (docs/design.md; MindFormers r1.0 ``research/baichuan/convert_weight.py``):
 
-* pipeline (``pp``): decoder layer ``i`` goes to ``layer_to_stage(i, L, pp, offset)`` (facts sheet §5);
+* pipeline (``pp``): decoder layer ``i`` goes to ``layer_to_stage(i, L, pp, offset)`` (MindFormers r1.0 ``mindformers/models/llama/llama.py``);
   the embedding to stage 0; ``model.norm_out`` and ``lm_head`` to the last stage.
 * model parallel (``mp``): column-parallel weights (``wq``, ``wk``, ``wv``, ``w1``, ``w3``, their biases,
   ``lm_head`` along the vocabulary, and the embedding along the vocabulary when ``vocab_emb_dp`` is False)

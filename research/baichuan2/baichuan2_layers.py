@@ -438,8 +438,6 @@ class Baichuan2Model(LlamaPreTrainedModel):
         # the BNSD kernel with the block mask.
         self.use_varlen_flash_attention = use_varlen_flash_attention(config.use_flash_attention, True,
                                                                      config.use_past) and self.uses_rope
-        # The attention layers' choice (the same call); flash attention takes the mask and bias untiled.
-        self.use_flash_attention = use_flash_attention(config.use_flash_attention, config.use_past)
         self.tok_embeddings = LlamaEmbedding(config.vocab_size, config.hidden_size,
                                              init_method_std=config.init_method_std,
                                              param_init_type=config.embedding_init_type)
@@ -454,6 +452,9 @@ class Baichuan2Model(LlamaPreTrainedModel):
             if getattr(recompute, "recompute", recompute) is True:
                 layer.recompute()
             self.layers.append(layer)
+        # The attention layers' own choice (made once, in Baichuan2Attention): flash attention takes the
+        # mask and bias untiled.
+        self.use_flash_attention = self.layers[0].attention.use_flash_attention
         self.norm_out = Baichuan2RMSNorm(config.hidden_size, config.rms_norm_eps,
                                          compute_type=config.layernorm_compute_type,
                                          fused_kernel=use_fused_rms_norm(config.fused_rms_norm))

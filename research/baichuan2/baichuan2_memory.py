@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 
 from baichuan2_config import uses_alibi     # pure Python: which architecture a YAML builds
 from baichuan2_names import DEFAULT_LORA_TARGETS, LINEAR_CELLS, ffn_width     # pure Python: the one lists
-from baichuan2_parallel import config_value as _get, layer_to_stage     # pure Python: the pipeline-stage rule
+from baichuan2_names import config_value as _get
+from baichuan2_parallel import layer_to_stage     # pure Python: the pipeline-stage rule
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}

@@ -3,7 +3,7 @@
 Pure Python (no mindspore / mindformers / torch), so the up-front checks, the converters, the
 layout tools and the tests all read the same lists before anything heavy is imported.
 
-* HF <-> MindSpore parameter names (facts sheet §4): HF ``model.layers.i.self_attn.W_pack.weight``
+* HF <-> MindSpore parameter names (MindFormers r1.0 ``research/baichuan/convert_weight.py``): HF ``model.layers.i.self_attn.W_pack.weight``
   is split into MindSpore ``model.layers.i.attention.{wq,wk,wv}.weight``; everything else maps 1:1.
 * Checkpoint entries that are not network weights: training state (optimizer moments, step
   counters, loss scale) and runtime buffers (KV cache, the normalised-head buffer).
@@ -139,29 +139,33 @@ def ms_to_hf_name(name):
 
 
 # ----- sizes ---------------------------------------------------------------------------------
-def _field(config, key):
-    """``config[key]`` for mappings, ``config.key`` otherwise; None if unset."""
+def config_value(config, key, default=None):
+    """``config[key]`` for dicts and MindFormerConfig, ``config.key`` for other objects; ``default`` if unset."""
+    if config is None:
+        return default
     if isinstance(config, dict):
-        return config.get(key)
-    return getattr(config, key, None)
+        value = config.get(key, default)
+    else:
+        value = getattr(config, key, default)
+    return default if value is None else value
 
 
 def ffn_width(model_config):
-    """FFN width as MindFormers' LlamaFeedForward derives it (facts sheet §1.1), or None without hidden_size.
+    """FFN width as MindFormers' LlamaFeedForward derives it (MindFormers r1.0 ``mindformers/models/llama/llama_layer.py``), or None without hidden_size.
 
     ``intermediate_size`` if set; else ``2/3 * 4 * hidden`` (with ``ffn_dim_multiplier``:
     ``2/3 * (multiplier + 0.01) * 4 * hidden``) rounded up to ``multiple_of`` (default 256).
     ``model_config`` is a dict, a YAML config or a ``MindFormerConfig``.
     """
-    explicit = _field(model_config, "intermediate_size")
+    explicit = config_value(model_config, "intermediate_size")
     if explicit:
         return int(explicit)
-    hidden = _field(model_config, "hidden_size")
+    hidden = config_value(model_config, "hidden_size")
     if not hidden:
         return None
     width = int(2 * 4 * hidden / 3)
-    multiplier = _field(model_config, "ffn_dim_multiplier")
+    multiplier = config_value(model_config, "ffn_dim_multiplier")
     if multiplier:
         width = int(2 * int((multiplier + 0.01) * 4 * hidden) / 3)
-    multiple = _field(model_config, "multiple_of") or 256
+    multiple = config_value(model_config, "multiple_of") or 256
     return multiple * ((width + multiple - 1) // multiple)

@@ -6,26 +6,15 @@ vocabulary and FFN width against ``mp``, layers and micro batches against ``pp``
 operator or pipeline parallel (MindSpore's CPU backend; ``baichuan2_device`` decides) it says so plainly.
 
 ``layer_to_stage`` is the original's rule for which pipeline stage runs which decoder layer
-(``min((l + offset) // max(int((L + 1) / pp), 1), pp - 1)``; facts sheet §5): 7B with ``pp=2`` splits
+(``min((l + offset) // max(int((L + 1) / pp), 1), pp - 1)``; MindFormers r1.0 ``mindformers/models/llama/llama.py``): 7B with ``pp=2`` splits
 at layer 16, 13B gives 10/10/10/10 with ``pp=4`` and 20/20 with ``pp=2``. The embedding lives on stage
 0, the final norm and the lm_head on the last stage.
 """
-from baichuan2_names import ffn_width
+from baichuan2_names import config_value, ffn_width
 
 
 class ParallelConfigError(ValueError):
     """A parallel layout that cannot run with this model, world size or device."""
-
-
-def config_value(config, key, default=None):
-    """``config[key]`` for dicts and MindFormerConfig, ``config.key`` for other objects; ``default`` if unset."""
-    if config is None:
-        return default
-    if isinstance(config, dict):
-        value = config.get(key, default)
-    else:
-        value = getattr(config, key, default)
-    return default if value is None else value
 
 
 def _positive_int(value, field):

@@ -1,7 +1,8 @@
 """Baichuan2 weights: HF <-> MindSpore shapes, checks and the streaming converters (names: ``baichuan2_names``).
 
 Used by ``convert_weight.py`` / ``convert_reversed.py`` (both directions) and by the tests.
-Facts sheet §4 is the specification. Notation: ``V`` vocab_size, ``h`` hidden_size,
+The specification is the original converter, MindFormers r1.0 ``research/baichuan/convert_weight.py``
+(and ``research/baichuan2/convert_reversed.py`` of r1.1.0 for the reverse). Notation: ``V`` vocab_size, ``h`` hidden_size,
 ``I`` intermediate_size, ``L`` num_hidden_layers, ``i`` a layer index. All Linear weights are
 ``[out, in]`` on both sides, so nothing is transposed; the only structural change is the fused
 QKV: HF ``model.layers.i.self_attn.W_pack.weight`` ``[3h, h]`` <-> MindSpore

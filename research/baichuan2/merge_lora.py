@@ -1,6 +1,6 @@
 """Merge LoRA weights into the base weights of a Baichuan2 MindSpore checkpoint.
 
-MindFormers' LoRA (mindpet ``LoRADense``, facts sheet §4.4) adds ``(alpha / rank) * B @ A`` to a
+MindFormers' LoRA (mindpet ``LoRADense``, applied by MindFormers r1.0 ``mindformers/pet/tuners/lora_adapter.py``) adds ``(alpha / rank) * B @ A`` to a
 ``Linear`` weight W of shape [out, in], with ``A = <cell>.mindpet_delta_lora_a`` [rank, in] and
 ``B = <cell>.mindpet_delta_lora_b`` [out, rank]. This tool folds every such pair into its base
 weight::

@@ -23,7 +23,7 @@ RUN_MODES = ("train", "finetune", "eval", "predict", "export")
 
 
 def build_parser():
-    """The original CLI (facts sheet §6.1) plus --device_target, --train_data and --output_dir."""
+    """The original CLI (MindFormers r1.0 ``research/baichuan2/run_baichuan2.py``) plus --device_target, --train_data and --output_dir."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--task", default="text_generation", type=str, help="MindFormers task name.")
     add_model_arguments(parser, default_config="baichuan2/run_baichuan2_7b.yaml")

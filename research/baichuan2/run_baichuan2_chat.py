@@ -30,7 +30,7 @@ PROG = "run_baichuan2_chat.py"
 
 
 def build_parser():
-    """The original chat CLI (facts sheet §6.2) plus --device_target, --mode, --seed, --stream, --show_ids."""
+    """The original chat CLI (MindFormers r1.0 ``research/baichuan2/run_baichuan2_chat.py``) plus --device_target, --mode, --seed, --stream, --show_ids."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     add_model_arguments(parser, default_config="baichuan2/run_baichuan2_7b.yaml")
     parser.add_argument("--max_new_tokens", default=None, type=int,
