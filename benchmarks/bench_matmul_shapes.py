@@ -48,10 +48,11 @@ VARIANTS = {
     "chunk2m": "(f) W stored as out-row chunks of ~2 MiB (separate Parameters), one transpose_b MatMul each, concat",
     "chunk8m": "(f) as chunk2m with ~8 MiB chunks",
     "slice2m": "(f) one W Parameter sliced in the graph into ~2 MiB out-row chunks, transpose_b MatMul each, concat",
+    "rows": "(g) the project's DecodeMatMul (baichuan2_rows_matmul: one pass over W for M<=8) [model: decode]",
     "numpy": "reference: numpy x @ W.T (OpenBLAS), not MindSpore",
     "launch": "reference: MatMul(transpose_b=True) against a (16,in) weight = per-call graph overhead",
 }
-DEFAULT_VARIANTS = "tb,nt,bmm_tb,bmm_nt,swap,mint_nt,mint_linear,dense,mf_linear,split,numpy,launch"
+DEFAULT_VARIANTS = "tb,nt,bmm_tb,bmm_nt,swap,mint_nt,mint_linear,dense,mf_linear,split,rows,numpy,launch"
 
 
 def cpu_name():
@@ -198,6 +199,18 @@ def _build(variant, ms, w_param, wt_param, k_in, n_out, m_rows):
         return cell
     if variant == "split":
         return Split(w_param, m_rows) if 2 <= m_rows <= 8 else None
+    if variant == "rows":
+        from bench_common import PLUGIN  # pylint: disable=import-outside-toplevel
+        if PLUGIN not in sys.path:
+            sys.path.insert(0, PLUGIN)
+        import baichuan2_rows_matmul as rows  # pylint: disable=import-outside-toplevel
+        library = rows.build_library()
+        if not library or m_rows > rows.MAX_ROWS:
+            return None
+        cell = Mm(w_param, True)
+        cell.mm = rows.DecodeMatMul(library)
+        cell.set_train(False)
+        return cell
     if variant in ("chunk2m", "chunk8m", "slice2m"):
         rows = max(16, (int(variant[5:-1]) * 2 ** 20) // (k_in * 4) // 16 * 16)
         bounds = [(s, min(s + rows, n_out)) for s in range(0, n_out, rows)]

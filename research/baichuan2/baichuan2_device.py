@@ -6,6 +6,7 @@ and script asks this module which path to take instead of testing ``device_targe
 """
 from dataclasses import dataclass
 import logging
+import os
 
 import mindspore as ms
 
@@ -39,6 +40,9 @@ class DeviceCapabilities:
             each of those is a memory-bound pass (at the bench shape the fused step is 30x faster than
             MindFormers' AdamW and 6x faster than ``nn.AdamWeightDecay``, docs/performance.md); on Ascend
             MindFormers' graph is kept as MindFormers runs it.
+        rows_matmul: decode steps (at most 8 rows) of fp32 inference networks may multiply by each
+            weight with ``baichuan2_rows_matmul``'s one-pass kernel instead of the device MatMul
+            (MindSpore's CPU MatMul reads the weight 2-3 times for 4 rows).
     """
     device_target: str
     fused_rms_norm: bool
@@ -49,12 +53,14 @@ class DeviceCapabilities:
     half_precision_matmul: bool
     varlen_flash_attention: bool = False
     fused_adam: bool = False
+    rows_matmul: bool = False
 
 
 _TABLE = {
     "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True, varlen_flash_attention=True),
     "GPU": DeviceCapabilities("GPU", False, False, False, True, True, True),
-    "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False, fused_adam=True),
+    "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False, fused_adam=True,
+                             rows_matmul=True),
 }
 
 
@@ -106,6 +112,21 @@ def use_fused_adam(weight_dtypes):
     on a device that prefers it, when every weight is float32 (the kernel keeps weight and moments in
     one dtype, and the moments are fp32)."""
     return device_capabilities().fused_adam and all(dtype == ms.float32 for dtype in weight_dtypes)
+
+
+def use_rows_matmul(use_past, compute_dtype):
+    """The compiled small-row kernel's path when decode products of this network should use it, else None.
+
+    Only for networks built for cached decoding (``use_past``) that compute in fp32, on a device that
+    prefers it, and when the kernel builds (a C++ compiler on the host; otherwise one warning and MatMul).
+    ``BAICHUAN2_ROWS_MATMUL=0`` turns it off (for A/B measurements).
+    """
+    if not (use_past and compute_dtype == ms.float32 and device_capabilities().rows_matmul):
+        return None
+    if os.environ.get("BAICHUAN2_ROWS_MATMUL", "1") == "0":
+        return None
+    from baichuan2_rows_matmul import build_library  # pylint: disable=import-outside-toplevel
+    return build_library()
 
 
 def check_parallel_supported(model_parallel, pipeline_stage):

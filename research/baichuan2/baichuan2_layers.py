@@ -42,8 +42,10 @@ from mindformers.models.llama.llama import LlamaPreTrainedModel
 from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForward, LlamaRMSNorm
 from mindformers.modules.layers import Linear, RotaryEmbedding
 
-from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention
+from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention, \
+    use_rows_matmul
 from baichuan2_loss import build_loss
+from baichuan2_rows_matmul import install_decode_matmul
 from baichuan2_generation import Baichuan2GenerationMixin
 
 # Masked attention scores get this value instead of -inf, so that a row with no visible key
@@ -587,6 +589,9 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         if config.parallel_config.pipeline_stage > 1:
             self.lm_head.pipeline_stage = config.parallel_config.pipeline_stage - 1
         self.loss = build_loss(config.parallel_config)
+        rows_kernel = use_rows_matmul(config.use_past, config.compute_dtype)
+        if rows_kernel:
+            install_decode_matmul(self, rows_kernel)
         self.load_checkpoint(config)
 
     def set_decode_phase(self, is_first_iteration):

@@ -1,0 +1,98 @@
+// Small-row fp32 matrix product for decode steps: y[M, N] = x[M, K] . W[N, K]^T, M <= 8.
+//
+// Why: MindSpore 2.7's CPU MatMul is oneDNN 2.2's gemm. For 1 row it runs a matrix-vector kernel that reads
+// the weight once; for 2 to 15 rows it runs a "small n" gemm that reads the whole weight once per group of
+// 2-3 rows (or, on AVX2, slower still), so a batch-4 decode step reads every weight 2-3 times although
+// decode is bound by reading the weights (benchmarks/bench_matmul_shapes.py, docs/serving.md). This kernel
+// reads each weight row once for all M rows.
+//
+// Called by MindSpore as an AOT custom operator (mindspore.ops.Custom(func_type="aot"), CPU): params are
+// the inputs x (..., K) and W (N, K) and the output y (..., N), all float32 and contiguous. Built by
+// baichuan2_rows_matmul.py with the host compiler (-O3 -march=native -pthread); GCC's vector extensions
+// become the widest SIMD the host has. Returns non-zero for M > 8 (the caller never passes it).
+#include <cstdint>
+#include <cstring>
+#include <sched.h>
+#include <thread>
+#include <vector>
+typedef float v8 __attribute__((vector_size(32)));
+static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
+static inline float hsum(v8 v) { float s = 0.f; for (int j = 0; j < 8; ++j) s += v[j]; return s; }
+// y[M, N] = x[M, K] . W[N, K]^T for small M: one pass over W. R weight rows at a time share each x load
+// and M rows share each weight load (register blocking); M*R accumulators also hide the FMA latency.
+template <int M, int R>
+static void kernel_range(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
+                         int64_t N, int64_t b_begin, int64_t b_end) {
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t n0 = b * R;
+    if (n0 + R > N) {  // tail rows one at a time
+      for (int64_t n = n0; n < N; ++n)
+        for (int m = 0; m < M; ++m) {
+          float s = 0.f;
+          for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * w[n * K + k];
+          y[m * N + n] = s;
+        }
+      continue;
+    }
+    v8 acc[M][R];
+    for (int m = 0; m < M; ++m) for (int r = 0; r < R; ++r) acc[m][r] = v8{};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      v8 wv[R];
+      for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
+      for (int m = 0; m < M; ++m) {
+        const v8 xv = load8(x + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        float s = hsum(acc[m][r]);
+        for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * w[(n0 + r) * K + kk];
+        y[m * N + n0 + r] = s;
+      }
+  }
+}
+
+// Plain threads, one contiguous range of weight rows each (the calling thread takes the first): an OpenMP
+// team would keep spinning after each call and take the cores from MindSpore's own kernels in between.
+static int worker_count() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+  return 1;
+}
+
+template <int M, int R>
+static void kernel(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K, int64_t N) {
+  static const int workers = worker_count();
+  const int64_t blocks = N / R + (N % R ? 1 : 0);
+  const int64_t per = (blocks + workers - 1) / workers;
+  std::vector<std::thread> threads;
+  for (int t = 1; t < workers && t * per < blocks; ++t) {
+    const int64_t end = (t + 1) * per < blocks ? (t + 1) * per : blocks;
+    threads.emplace_back(kernel_range<M, R>, x, w, y, K, N, t * per, end);
+  }
+  kernel_range<M, R>(x, w, y, K, N, 0, per < blocks ? per : blocks);
+  for (auto& th : threads) th.join();
+}
+extern "C" int RowsMatMul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream, void* extra) {
+  if (nparam != 3 || std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[1], "float32") != 0) return 2;
+  const float* x = static_cast<const float*>(params[0]);
+  const float* w = static_cast<const float*>(params[1]);
+  float* y = static_cast<float*>(params[2]);
+  int64_t M = 1; for (int i = 0; i < ndims[0] - 1; ++i) M *= shapes[0][i];
+  int64_t K = shapes[0][ndims[0] - 1];
+  int64_t N = shapes[1][0];
+  switch (M) {
+    case 1: kernel<1, 4>(x, w, y, K, N); break;
+    case 2: kernel<2, 4>(x, w, y, K, N); break;
+    case 3: kernel<3, 4>(x, w, y, K, N); break;
+    case 4: kernel<4, 4>(x, w, y, K, N); break;
+    case 5: kernel<5, 2>(x, w, y, K, N); break;
+    case 6: kernel<6, 2>(x, w, y, K, N); break;
+    case 7: kernel<7, 1>(x, w, y, K, N); break;
+    case 8: kernel<8, 1>(x, w, y, K, N); break;
+    default: return 1;
+  }
+  return 0;
+}
