@@ -19,7 +19,8 @@ peak RSS of a process is then the peak of that one measurement). Tasks:
   ``belle_preprocess.py`` at ``--seq`` (``--pack True`` when it has that flag); real tokens
   (non-padding inputs, label-bearing targets) per second.
 * ``profile --impl {ours7b,ours13b,mf} --phase {decode,train}``: MindSpore profiler, per-step
-  kernel time by category (decode steps of our model; training steps of ours or MindFormers' Llama).
+  kernel time by category (decode steps of our model, ``--batch`` rows at ``--shape``; training
+  steps of ours or MindFormers' Llama).
 """
 import argparse
 import time
@@ -615,20 +616,22 @@ def task_profile(args):
     from mindspore import dtype as mstype  # pylint: disable=import-outside-toplevel
     from mindspore.profiler import ProfilerLevel  # pylint: disable=import-outside-toplevel
     if args.phase == "decode":
-        net = build_ours(args.impl, True, 1, bc.BENCH_SHAPE["seq_length"])
+        shape = bc.SHAPES[args.shape]
+        seq_length = shape["seq_length"]
+        net = build_ours(args.impl, True, args.batch, seq_length, shape)
         net.set_train(False)
-        ids = prompt_ids(args.prompt)
-        net.generate(ids.tolist(), max_new_tokens=3, do_sample=False, eos_token_id=[-1])   # compile both graphs
+        ids = [prompt_ids(args.prompt, seed=row).tolist() for row in range(args.batch)]
+        net.generate(ids if args.batch > 1 else ids[0], max_new_tokens=3, do_sample=False,
+                     eos_token_id=[-1])                                                 # compile both graphs
         net.set_decode_phase(False)
-        token = Tensor(np.array([[5]], np.int32))
+        token = Tensor(np.full((args.batch, 1), 5, np.int32))
         position = [args.prompt]
-        seq_length = bc.BENCH_SHAPE["seq_length"]
 
         def run():      # as generate(): the cache window that holds the context
             position[0] += 1
             window = Tensor(np.arange(decode_window(position[0], seq_length), dtype=np.int32))
-            return net(token, None, None, None, None, None, None, Tensor([position[0]], mstype.int32),
-                       window).asnumpy()
+            return net(token, None, None, None, None, None, None,
+                       Tensor([position[0]] * args.batch, mstype.int32), window).asnumpy()
         steps = 5 if args.quick else 20
     else:
         net = build_mf_llama(args.batch, args.seq) if args.impl == "mf" else build_ours(args.impl, False, args.batch,
@@ -660,7 +663,8 @@ def task_profile(args):
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     if args.phase == "decode":
-        result["kv_window_slots"] = decode_window(position[0], bc.BENCH_SHAPE["seq_length"])
+        result["kv_window_slots"] = decode_window(position[0], seq_length)
+        result["shape_name"] = args.shape
     result.update(task="profile", impl=args.impl, phase=args.phase, steps=steps, wall_ms=1000 * bc.median(wall),
                   optimizer=OPTIMIZERS[args.optimizer] if args.phase == "train" else None,
                   prompt=args.prompt if args.phase == "decode" else None,
