@@ -569,7 +569,8 @@ def method_section(data, res):
         f"({shape['vocab_size']} x {shape['hidden_size']}, {shape['vocab_size'] * shape['hidden_size'] * 4 / MIB:.0f} "
         "MiB) in torch (`F.linear`), NumPy (OpenBLAS kernel "
         f"`{blas.get('kernel', '?')}`, OPENBLAS_CORETYPE {blas.get('OPENBLAS_CORETYPE', '?')}, "
-        f"{blas.get('threads', '?')} threads) and MindSpore (`MatMul(transpose_b=True)`), median of "
+        f"{blas.get('threads', '?')} threads), MindSpore (`MatMul(transpose_b=True)`) and the decode steps' "
+        "own one-pass kernel (`baichuan2_rows_matmul`; a decode step cannot beat the fastest of them), median of "
         f"{band.get('repetitions', '?')} per measurement, measured at the start of every round and at the end "
         "of the run; the best kernel's figure of each measurement, and the median over the measurements is "
         "the machine's bandwidth. Roofline tokens/s "
@@ -629,6 +630,7 @@ def roofline_section(res):
     for key, label in (("torch_gbs", "torch F.linear"), ("torch_1thread_gbs", "torch F.linear, 1 thread"),
                        ("numpy_gbs", f"NumPy (OpenBLAS {kernel})"),
                        ("mindspore_gbs", "MindSpore MatMul(transpose_b=True)"),
+                       ("rows_kernel_gbs", "ours: one-pass decode kernel (`baichuan2_rows_matmul`)"),
                        ("best_gbs", "**best matrix-vector**"),
                        ("torch_sum_gbs", "(reference, not a matvec: torch `W.sum()`)")):
         bw_rows.append((label,) + tuple(_fmt(r.get(key), 1) for _, r in runs))

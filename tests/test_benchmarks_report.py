@@ -284,3 +284,18 @@ def test_kept_results_name_their_own_run_and_machine(tmp_path):
     assert len(kept) == 1 and "2025-12-31 00:00 UTC" in kept[0] and "Older CPU" in kept[0]
     assert "decode" in kept[0] and "bandwidth" in kept[0] and "train" not in kept[0].split(":")[-1]
     assert bench_report.kept_results_lines(synthetic_data()) == []      # one run: no such line
+
+
+def test_profile_counts_the_one_pass_decode_kernel_as_a_matmul():
+    """A decode profile's Custom ops under DecodeMatMul are the lm_head / layer products, not 'other ops'."""
+    import bench_tasks  # pylint: disable=import-outside-toplevel
+    rows = [("Custom", "Default/lm_head-NormHead/matmul-DecodeMatMul/Custom-op1", 600.0),
+            ("Custom", "Default/model/layers-CellList/0-Layer/feed_forward/w1-Linear/matmul-DecodeMatMul/Custom-op0",
+             80.0),
+            ("BatchMatMul", "Default/model/layers-CellList/0-Layer/attention/BatchMatMul-op3", 5.0),
+            ("Mul", "Default/lm_head-NormHead/Mul-op2", 2.0)]
+    result = bench_tasks.categorize(rows, 10, "decode")
+    assert result["categories_ms"] == {"lm_head MatMul": 60.0, "layer MatMuls": 8.0,
+                                       "attention BatchMatMul (QK^T, PV over the cache)": 0.5,
+                                       "lm_head non-MatMul ops (NormHead row norms and their gradients)": 0.2}
+    assert result["by_type_ms"] == {"Custom": 68.0, "BatchMatMul": 0.5, "Mul": 0.2}
