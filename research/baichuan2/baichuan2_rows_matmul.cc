@@ -21,8 +21,8 @@ static inline float hsum(v8 v) { float s = 0.f; for (int j = 0; j < 8; ++j) s +=
 // y[M, N] = x[M, K] . W[N, K]^T for small M: one pass over W. R weight rows at a time share each x load
 // and M rows share each weight load (register blocking); M*R accumulators also hide the FMA latency.
 template <int M, int R>
-static void kernel_range(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K,
-                         int64_t N, int64_t b_begin, int64_t b_end) {
+static void kernel_range(const float* __restrict x, const float* __restrict xp, const float* __restrict w,
+                         float* __restrict y, int64_t K, int64_t N, int64_t b_begin, int64_t b_end) {
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t n0 = b * R;
     if (n0 + R > N) {  // tail rows one at a time
@@ -41,7 +41,7 @@ static void kernel_range(const float* __restrict x, const float* __restrict w, f
       v8 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) {
-        const v8 xv = load8(x + m * K + k);
+        const v8 xv = load8(xp + (k / 8 * M + m) * 8);
         for (int r = 0; r < R; ++r) acc[m][r] += xv * wv[r];
       }
     }
@@ -67,12 +67,18 @@ static void kernel(const float* __restrict x, const float* __restrict w, float* 
   static const int workers = worker_count();
   const int64_t blocks = N / R + (N % R ? 1 : 0);
   const int64_t per = (blocks + workers - 1) / workers;
+  // x interleaved as [K/8][M][8]: one contiguous stream instead of M rows whose 16 KiB stride (K = 4096)
+  // maps them all to the same L1 sets as the weight rows.
+  std::vector<float> packed((K / 8) * M * 8);
+  for (int64_t k8 = 0; k8 < K / 8; ++k8)
+    for (int m = 0; m < M; ++m) std::memcpy(&packed[(k8 * M + m) * 8], x + m * K + k8 * 8, 8 * sizeof(float));
+  const float* xp = packed.data();
   std::vector<std::thread> threads;
   for (int t = 1; t < workers && t * per < blocks; ++t) {
     const int64_t end = (t + 1) * per < blocks ? (t + 1) * per : blocks;
-    threads.emplace_back(kernel_range<M, R>, x, w, y, K, N, t * per, end);
+    threads.emplace_back(kernel_range<M, R>, x, xp, w, y, K, N, t * per, end);
   }
-  kernel_range<M, R>(x, w, y, K, N, 0, per < blocks ? per : blocks);
+  kernel_range<M, R>(x, xp, w, y, K, N, 0, per < blocks ? per : blocks);
   for (auto& th : threads) th.join();
 }
 extern "C" int RowsMatMul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream, void* extra) {
@@ -83,15 +89,24 @@ extern "C" int RowsMatMul(int nparam, void** params, int* ndims, int64_t** shape
   int64_t M = 1; for (int i = 0; i < ndims[0] - 1; ++i) M *= shapes[0][i];
   int64_t K = shapes[0][ndims[0] - 1];
   int64_t N = shapes[1][0];
+  // R weight rows per block: M*R accumulators + R weights must fit the vector registers (16 with AVX2,
+  // 32 with AVX-512); a spilled accumulator costs more than sharing each x load across fewer rows.
   switch (M) {
     case 1: kernel<1, 4>(x, w, y, K, N); break;
     case 2: kernel<2, 4>(x, w, y, K, N); break;
     case 3: kernel<3, 4>(x, w, y, K, N); break;
     case 4: kernel<4, 4>(x, w, y, K, N); break;
+#if defined(__AVX512F__)
+    case 5: kernel<5, 4>(x, w, y, K, N); break;
+    case 6: kernel<6, 4>(x, w, y, K, N); break;
+    case 7: kernel<7, 3>(x, w, y, K, N); break;
+    case 8: kernel<8, 3>(x, w, y, K, N); break;
+#else
     case 5: kernel<5, 2>(x, w, y, K, N); break;
     case 6: kernel<6, 2>(x, w, y, K, N); break;
     case 7: kernel<7, 1>(x, w, y, K, N); break;
     case 8: kernel<8, 1>(x, w, y, K, N); break;
+#endif
     default: return 1;
   }
   return 0;
