@@ -106,15 +106,32 @@ def test_cpu_kernel_index_tables_per_compiled_graph():
 
 
 def test_cpu_training_logits_buffers_and_their_judgement_agree():
-    """CPU training plans 8 tokens x vocab fp32 buffers with a trained head, 6 with LoRA's frozen head (no
-    gradient of inv_norm), and the judgement line states the count the part used."""
+    """CPU training plans 6 tokens x vocab fp32 buffers with a trained fp32 head, 5 with LoRA's frozen head
+    (NormHead's one-pass kernels), 8 and 6 when the head runs in MindSpore ops (half precision), and the
+    judgement line states the count the part used."""
     model = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 128,
              "intermediate_size": 160}
     lora = {"pet_type": "lora", "lora_rank": 8, "target_modules": ".*wq|.*wk|.*wv"}
-    for pet_config, count in ((None, 8), (lora, 6)):
-        planned = mem.plan(model, run_mode="finetune", batch_size=2, device="CPU", pet_config=pet_config)
+    half = dict(model, param_init_type="float16", compute_dtype="float16")
+    for config, pet_config, count in ((model, None, 6), (model, lora, 5), (half, None, 8), (half, lora, 6)):
+        planned = mem.plan(config, run_mode="finetune", batch_size=2, device="CPU", pet_config=pet_config)
         assert planned.parts["logits / loss"] == count * 2 * 128 * 1000 * 4
         assert f"logits / loss: {count} fp32 tokens x vocab buffers (measured on CPU)" in planned.judgements
+
+
+def test_norm_head_kernels_leave_no_head_temporary_and_follow_the_device_rule():
+    """The planner's rule for NormHead's kernels is baichuan2_device's: fp32 heads on a device that has them;
+    with them there is no V x h ``w * w`` temporary (training or inference)."""
+    from baichuan2_device import _TABLE  # pylint: disable=import-outside-toplevel
+    assert tuple(t for t, caps in _TABLE.items() if caps.norm_head_kernels) == mem.NORM_HEAD_KERNEL_DEVICES
+    model = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 128,
+             "intermediate_size": 160}
+    half = dict(model, param_init_type="float16", compute_dtype="float16")
+    for run_mode in ("finetune", "predict"):
+        assert "lm_head norm temporaries" not in mem.plan(model, run_mode=run_mode, device="CPU").parts
+        assert mem.plan(half, run_mode=run_mode, device="CPU").parts["lm_head norm temporaries"] == 1000 * 64 * 2
+        assert mem.plan(model, run_mode=run_mode, device="Ascend").parts["lm_head norm temporaries"] == 1000 * 64 * 4
+    assert mem.norm_head_kernels(mem._Shape.from_config(model), "CPU")
 
 
 def test_lora_trains_only_adapters_and_mp_pp_split():
@@ -318,7 +335,7 @@ SMALL = {"vocab": 125696, "hidden": 512, "layers": 2, "heads": 8, "ffn": 1536, "
 # Long sequence, many heads, small vocabulary: the attention's probabilities, its shared mask and its backward
 # working set are most of the memory (the other cases are dominated by the 125696-word head).
 LONG = {"vocab": 4096, "hidden": 256, "layers": 2, "heads": 16, "ffn": 768, "seq": 1024, "batch": 1}
-VALIDATION_CASES = [(SMALL, "finetune"), (TINY, "predict"), (TINY, "predict_cache"), (TINY, "finetune"),
+VALIDATION_CASES = [(SMALL, "finetune"), (SMALL, "predict"), (SMALL, "predict_cache"), (TINY, "finetune"),
                     (TINY, "lora"), (SMALL, "lora"), (LONG, "finetune")]
 
 

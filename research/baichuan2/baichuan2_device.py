@@ -43,6 +43,8 @@ class DeviceCapabilities:
         rows_matmul: decode steps (at most 8 rows) of fp32 inference networks may multiply by each
             weight with ``baichuan2_rows_matmul``'s one-pass kernel instead of the device MatMul
             (MindSpore's CPU MatMul reads the weight 2-3 times for 4 rows).
+        norm_head_kernels: fp32 NormHead computes its row norms, column scaling and their gradient with
+            ``baichuan2_norm_head``'s one-pass kernels instead of a dozen elementwise ops.
     """
     device_target: str
     fused_rms_norm: bool
@@ -54,13 +56,14 @@ class DeviceCapabilities:
     varlen_flash_attention: bool = False
     fused_adam: bool = False
     rows_matmul: bool = False
+    norm_head_kernels: bool = False
 
 
 _TABLE = {
     "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True, varlen_flash_attention=True),
     "GPU": DeviceCapabilities("GPU", False, False, False, True, True, True),
     "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False, fused_adam=True,
-                             rows_matmul=True),
+                             rows_matmul=True, norm_head_kernels=True),
 }
 
 
@@ -126,6 +129,22 @@ def use_rows_matmul(use_past, compute_dtype):
     if os.environ.get("BAICHUAN2_ROWS_MATMUL", "1") == "0":
         return None
     from baichuan2_rows_matmul import build_library  # pylint: disable=import-outside-toplevel
+    return build_library()
+
+
+def use_norm_head_kernels(compute_dtype, param_init_type):
+    """The compiled NormHead kernels' path when this network's lm_head should use them, else None.
+
+    Only when the head's weight and its product are fp32, on a device that prefers them, and when the
+    kernels build (a C++ compiler on the host; otherwise one warning and MindSpore's ops).
+    ``BAICHUAN2_NORM_HEAD_KERNELS=0`` turns them off (for A/B measurements).
+    """
+    if not (compute_dtype == ms.float32 and param_init_type == ms.float32
+            and device_capabilities().norm_head_kernels):
+        return None
+    if os.environ.get("BAICHUAN2_NORM_HEAD_KERNELS", "1") == "0":
+        return None
+    from baichuan2_norm_head import build_library  # pylint: disable=import-outside-toplevel
     return build_library()
 
 

@@ -43,9 +43,10 @@ from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForwar
 from mindformers.modules.layers import Linear, RotaryEmbedding
 
 from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention, \
-    use_rows_matmul
+    use_rows_matmul, use_norm_head_kernels
 from baichuan2_loss import build_loss
 from baichuan2_rows_matmul import install_decode_matmul
+from baichuan2_norm_head import FusedNormHeadProduct, row_inv_norm_primitive
 from baichuan2_generation import Baichuan2GenerationMixin
 
 # Masked attention scores get this value instead of -inf, so that a row with no visible key
@@ -368,10 +369,15 @@ class NormHead(nn.Cell):
     every decode step: the stored weight is never rewritten, so repeated ``generate()`` calls cannot
     drift and a weight loaded later is picked up at the next prompt.
 
+    ``kernels``: path of the compiled NormHead kernels (``baichuan2_device.use_norm_head_kernels``) or None.
+    With them the row norms are one kernel, and training runs the product through
+    ``baichuan2_norm_head.FusedNormHeadProduct`` (one pass for the scaling, one for its gradient, one for the
+    norm's share of W's gradient); the function and its gradient are the same.
+
     Input (B, S, h) or (N, h); output fp32 logits (..., V).
     """
 
-    def __init__(self, hidden_size, vocab_size, compute_dtype, param_init_type, use_past):
+    def __init__(self, hidden_size, vocab_size, compute_dtype, param_init_type, use_past, kernels=None):
         super().__init__()
         self.weight = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)), [vocab_size, hidden_size],
                                             param_init_type), name="weight")
@@ -383,13 +389,22 @@ class NormHead(nn.Cell):
         if use_past:
             self.inv_norm = Parameter(Tensor(np.ones(vocab_size), mstype.float32), name="inv_norm",
                                       requires_grad=False)
+        self.kernel_row_inv_norm = row_inv_norm_primitive(kernels) if kernels else None
+        self.fused_product = FusedNormHeadProduct(kernels) if kernels else None
 
     def _row_inv_norm(self):
+        if self.kernel_row_inv_norm is not None:
+            return self.kernel_row_inv_norm(self.weight)
         weight = self.weight.astype(mstype.float32)
         norm = ops.sqrt(ops.reduce_sum(weight * weight, -1))
         return 1.0 / ops.maximum(norm, 1e-12)
 
     def construct(self, x):
+        if self.training and self.fused_product is not None:
+            shape = x.shape
+            inv_norm = ops.stop_gradient(self._row_inv_norm())    # its gradient is in the product's backward
+            logits = self.fused_product(x.reshape(-1, shape[-1]), self.weight, inv_norm)
+            return logits.reshape(shape[:-1] + (logits.shape[-1],))
         if self.training or not self.use_past:
             inv_norm = self._row_inv_norm()
         elif self.is_first_iteration:
@@ -585,7 +600,8 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         self.is_first_iteration = True
         self.model = self.model_class(config)
         self.lm_head = NormHead(config.hidden_size, config.vocab_size, config.compute_dtype,
-                                config.param_init_type, config.use_past)
+                                config.param_init_type, config.use_past,
+                                use_norm_head_kernels(config.compute_dtype, config.param_init_type))
         if config.parallel_config.pipeline_stage > 1:
             self.lm_head.pipeline_stage = config.parallel_config.pipeline_stage - 1
         self.loss = build_loss(config.parallel_config)

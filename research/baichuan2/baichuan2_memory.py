@@ -45,22 +45,31 @@ RUN_MODES = ("train", "finetune", "eval", "predict")
 
 # Number of (tokens x vocab/mp) fp32 buffers alive at the peak of the lm_head + loss.
 # CPU: measured for this project's NormHead + ``baichuan2_loss.MaskedCrossEntropy`` under MindSpore 2.7.2 CPU
-#   graph mode, by differencing two sequence lengths at fixed weights (docs/memory.md, "CPU validation"):
-#   8 when the head trains (raw and scaled logits, the broadcast inv_norm and the log-softmax of the forward,
-#   the softmax, its scaled copy, the scatter and the products for d inv_norm of the backward), 6 with a
-#   frozen head (LoRA: no d inv_norm). Evaluation keeps no backward chain: logits + log-softmax work
-#   buffers (3, a judgement: not measured).
+#   graph mode, by differencing two sequence lengths at fixed weights (docs/memory.md, "CPU validation").
+#   With NormHead's one-pass kernels (fp32 heads, ``norm_head_kernels``): 6 when the head trains (the
+#   logits the fused product keeps for its backward and the loss, the log-softmax, the softmax, its scaled
+#   copy, the scatter, the gradient of the raw product), 5 with a frozen head (LoRA). Without them (the head
+#   in MindSpore ops): 8 and 6 (raw and scaled logits, the broadcast inv_norm, the products for d inv_norm).
+#   Evaluation keeps no backward chain: logits + log-softmax work buffers (3, a judgement: not measured).
 # Ascend: judgement. Static memory planning (SOMAS) reuses buffers; 4 live fp32 buffers (logits,
 #   log-softmax, one-hot, d_logits) plus the fp16 matmul output.
 _LOGIT_BUFFERS = {("CPU", "train"): 8, ("CPU", "lora"): 6, ("CPU", "eval"): 3,
+                  ("CPU-kernels", "train"): 6, ("CPU-kernels", "lora"): 5, ("CPU-kernels", "eval"): 3,
                   ("Ascend", "train"): 4, ("Ascend", "lora"): 4, ("Ascend", "eval"): 2}
 # CPU: the optimizer step runs after the backward has freed the loss buffers, and updates one weight at a
-# time with a few weight-sized temporaries (measured: 2 of the largest trainable tensor, nn.AdamWeightDecay).
-_UPDATE_TEMPS = 2
+# time with a few weight-sized temporaries, measured (nn.AdamWeightDecay) as 2 of the largest trainable tensor
+# with the head in MindSpore ops, 1 with NormHead's kernels (keyed by ``norm_head_kernels``). The difference is
+# how the head's V x h gradient is formed: an AddN of the product's and the norm's gradients (both alive
+# beside the sum) or one kernel over the product's gradient (docs/memory.md).
+_UPDATE_TEMPS = {False: 2, True: 1}
 CPU_UPDATE_PART = "gradients + update, beyond loss phase"
 # (V/mp x h) temporaries of NormHead's row norm ``w * w`` (and, when the head trains, its gradient):
-# inference computes it for every prompt, full fine-tuning keeps one through the backward pass.
+# inference computes it for every prompt, full fine-tuning keeps one through the backward pass. NormHead's
+# one-pass kernels make none (measured: docs/memory.md).
 _HEAD_TEMPS = {"train": 1, "infer": 1}
+# Devices whose fp32 NormHead runs ``baichuan2_norm_head``'s kernels: baichuan2_device's
+# ``norm_head_kernels`` capability, written here without MindSpore (a test keeps the two equal).
+NORM_HEAD_KERNEL_DEVICES = ("CPU",)
 # CPU only: MindSpore's CPU Transpose kernel with a constant permutation builds one size_t index per output
 # element when its graph is compiled (mindspore/ops/kernel/cpu/native/transpose_cpu_kernel.cc) and keeps it
 # as long as the graph lives. A decoder layer's forward has four ((B, S, h) -> heads for q, k, v and the
@@ -235,9 +244,18 @@ def attention_shared_bytes(shape, mp, batch_size):
     return shared + scores * (1 + _ATTENTION_BACKWARD_SCORES * shape.softmax_bytes)
 
 
-def _logit_buffers(device, training, lora):
-    """The ``_LOGIT_BUFFERS`` count of a run: training with a trained head, training with LoRA, or eval."""
-    return _LOGIT_BUFFERS[(device, ("lora" if lora else "train") if training else "eval")]
+def norm_head_kernels(shape, device):
+    """Whether NormHead runs its one-pass kernels: fp32 weight and product on a device that has them
+    (``baichuan2_device.use_norm_head_kernels``; a host without a C++ compiler falls back to MindSpore ops,
+    which the plan does not follow)."""
+    return device in NORM_HEAD_KERNEL_DEVICES and shape.param_bytes == 4 and shape.compute_bytes == 4
+
+
+def _logit_buffers(device, training, lora, kernels=False):
+    """The ``_LOGIT_BUFFERS`` count of a run: training with a trained head, training with LoRA, or eval;
+    ``kernels``: NormHead's one-pass kernels (``norm_head_kernels``)."""
+    return _LOGIT_BUFFERS[(device + "-kernels" if kernels else device,
+                           ("lora" if lora else "train") if training else "eval")]
 
 
 def prefill_widths(seq_length, minimum=16):
@@ -393,7 +411,8 @@ def plan(model_config, parallel_config=None, run_mode="finetune", optimizer=None
                           "workspace and fragmentation (a judgement)")
     if run_mode != "predict":
         measured = device == "CPU" and training
-        judgements.append(f"logits / loss: {_logit_buffers(device, training, bool(lora_targets))} fp32 "
+        count = _logit_buffers(device, training, bool(lora_targets), norm_head_kernels(shape, device))
+        judgements.append(f"logits / loss: {count} fp32 "
                           f"tokens x vocab buffers ({'measured on CPU' if measured else 'a judgement'})")
     if device_memory_bytes is None:
         device_memory_bytes = 64 * GIB
@@ -461,9 +480,10 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
     activations += attention_shared_bytes(shape, mp, tokens // shape.seq)
     parts["activations"] = activations
     if last:
-        buffers = _logit_buffers(device, True, bool(lora_targets))
+        kernels = norm_head_kernels(shape, device)
+        buffers = _logit_buffers(device, True, bool(lora_targets), kernels)
         parts["logits / loss"] = buffers * tokens * (shape.vocab // mp) * 4
-        if not lora_targets:
+        if not lora_targets and not kernels:
             parts["lm_head norm temporaries"] = _HEAD_TEMPS["train"] * head * shape.param_bytes
     if in_flight > 1:
         judgements.append(f"activations of {in_flight} micro batches in flight on stage {stage} (1F1B)")
@@ -475,8 +495,9 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
         loss_phase = sum(parts[k] for k in ("activations", "logits / loss", "lm_head norm temporaries",
                                             "CPU kernel index tables") if k in parts)
         largest = min(trainable, max(shape.vocab, shape.ffn) * shape.hidden) * param_bytes
-        parts[CPU_UPDATE_PART] = max(0, gradients + _UPDATE_TEMPS * largest - loss_phase)
-        judgements.append(f"gradients {gradients / GIB:.2f} GB and {_UPDATE_TEMPS} update temporaries of the largest "
+        update_temps = _UPDATE_TEMPS[norm_head_kernels(shape, device)]
+        parts[CPU_UPDATE_PART] = max(0, gradients + update_temps * largest - loss_phase)
+        judgements.append(f"gradients {gradients / GIB:.2f} GB and {update_temps} update temporaries of the largest "
                           "trainable tensor exist only after the loss phase (CPU, measured); the part counts what "
                           "they add beyond it")
 
@@ -489,7 +510,9 @@ def _inference_parts(parts, shape, run_mode, n_layers, mp, batch_size, tokens, u
     attention_step = 0 if shape.flash_attention else \
         batch_size * (shape.heads // mp) * shape.seq * shape.seq * (2 * shape.softmax_bytes + c)
     parts["activations"] = max(ffn_step, attention_step)
-    parts["lm_head norm temporaries"] = _HEAD_TEMPS["infer"] * (shape.vocab // mp) * shape.hidden * shape.param_bytes
+    if not norm_head_kernels(shape, device):
+        parts["lm_head norm temporaries"] = \
+            _HEAD_TEMPS["infer"] * (shape.vocab // mp) * shape.hidden * shape.param_bytes
     if run_mode == "eval":
         parts["logits / loss"] = _logit_buffers(device, False, False) * tokens * (shape.vocab // mp) * 4
     else:      # generation scores the last valid token of each row only

@@ -11,75 +11,23 @@ MindSpore AOT custom operator, and installs it, behind a row-count test, as the 
 Training, prefill (more than ``MAX_ROWS`` rows) and non-fp32 products keep ``ops.MatMul``; the kernel has
 no backward. Whether to use it at all is decided by ``baichuan2_device.use_rows_matmul``.
 """
-import hashlib
-import logging
-import os
-import subprocess
-import tempfile
-
 from mindspore import nn, ops
 from mindspore import dtype as mstype
 
-logger = logging.getLogger("baichuan2")
+from baichuan2_kernel_build import build_kernel, kernel_source
 
 MAX_ROWS = 8
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baichuan2_rows_matmul.cc")
-COMPILE_FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC")
+SOURCE = kernel_source("baichuan2_rows_matmul.cc")
 _LIBRARY = {}
 
 
-def _cache_dir():
-    root = os.environ.get("BAICHUAN2_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "baichuan2_mindspore")
-    os.makedirs(root, exist_ok=True)
-    return root
-
-
-def _host_key():
-    """Distinguishes hosts whose -march=native differs (the cache may sit on a shared home)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return flags
-
-
 def build_library():
-    """Path of the compiled kernel (built on first use, then cached), or None with a warning.
-
-    The cache key hashes the source, the compiler, its flags and the CPU's feature flags; the library is
-    written to a temporary name and renamed, so concurrent processes (msrun ranks, test workers) never load
-    a half-written file.
-    """
-    if "path" in _LIBRARY:
-        return _LIBRARY["path"]
-    compiler = os.environ.get("CXX", "g++")
-    path = None
-    try:
-        with open(SOURCE, "rb") as f:
-            source = f.read()
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
-                                         _host_key().encode()])).hexdigest()[:16]
-        path = os.path.join(_cache_dir(), f"rows_matmul_{key}.so")
-        if not os.path.exists(path):
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-            os.close(fd)
-            try:
-                subprocess.run([compiler, *COMPILE_FLAGS, SOURCE, "-o", tmp], check=True,
-                               capture_output=True, text=True, timeout=120)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-    except (OSError, subprocess.SubprocessError) as err:
-        detail = getattr(err, "stderr", "") or str(err)
-        logger.warning("The small-row decode kernel (%s) could not be built with %s (%s); decode uses "
-                       "ops.MatMul, whose batch-4 steps read the weights 2-3 times.", SOURCE, compiler,
-                       detail.strip().splitlines()[-1] if detail.strip() else err)
-        path = None
-    _LIBRARY["path"] = path
-    return path
+    """Path of the compiled kernel (built on first use, then cached per host), or None with a warning
+    (``baichuan2_kernel_build.build_kernel``)."""
+    if "path" not in _LIBRARY:
+        _LIBRARY["path"] = build_kernel(SOURCE, "decode uses ops.MatMul, whose batch-4 steps read the "
+                                                "weights 2-3 times.")
+    return _LIBRARY["path"]
 
 
 def rows_matmul_primitive(library):
