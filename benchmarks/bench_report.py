@@ -262,8 +262,8 @@ def memory_why(res):
     head = ours["peak_rss_mb"] - plain["peak_rss_mb"]
     rest = plain["peak_rss_mb"] - mf["peak_rss_mb"]
     return (f"NormHead's training path (row norms of the {bc.BENCH_SHAPE['vocab_size']} x "
-            f"{bc.BENCH_SHAPE['hidden_size']} head and their autodiff gradient, weight-sized temporaries) "
-            f"accounts for {head:,.0f} MiB (ours with a plain head: {plain['peak_rss_mb']:,.0f} MiB); "
+            f"{bc.BENCH_SHAPE['hidden_size']} head and their gradient; on CPU fp32 the one-pass kernels of "
+            f"baichuan2_norm_head) accounts for {head:,.0f} MiB (ours with a plain head: {plain['peak_rss_mb']:,.0f} MiB); "
             f"the rest of the model {rest:+,.0f} MiB (memory section)")
 
 
@@ -433,12 +433,13 @@ def explain_train(res):
              _table(["category", "ours 7B (s)", "MF Llama (s)", "difference (s)"], rows), ""]
     norm = ours["categories_ms"].get("lm_head non-MatMul ops (NormHead row norms and their gradients)", 0.0)
     if norm > 1:
-        lines.append(f"- NormHead: Baichuan2's lm_head divides every logit by the norm of its weight row; the "
-                     f"row norms and their gradient are elementwise passes over the whole "
-                     f"{bc.BENCH_SHAPE['vocab_size']} x {bc.BENCH_SHAPE['hidden_size']} weight each step "
-                     f"({norm / 1000:.3f} s here). MindFormers' Llama has a plain linear head, so this cost is "
-                     "inherent to the model, not to the port; it shrinks relative to the MatMuls as the "
-                     "number of tokens per step grows.")
+        lines.append(f"- NormHead: Baichuan2's lm_head divides every logit by the norm of its weight row. On CPU "
+                     f"(fp32) the row norms, the column scaling and the gradient through the norm are one-pass "
+                     f"kernels (`baichuan2_norm_head`): one pass over the {bc.BENCH_SHAPE['vocab_size']} x "
+                     f"{bc.BENCH_SHAPE['hidden_size']} weight for the norms and one for the norm's share of "
+                     f"its gradient, one over the tokens x vocab logits each way ({norm / 1000:.3f} s here). "
+                     "MindFormers' Llama has a plain linear head, so this cost is inherent to the model, not to "
+                     "the port; it shrinks relative to the MatMuls as the number of tokens per step grows.")
     return lines
 
 
@@ -559,10 +560,13 @@ def method_section(data, res):
         "optimizer; transformers: eager, `torch.optim.AdamW`. "
         f"{train.get('warmup', '?')} warm-up steps (the first one compiles), then the median of "
         f"{train.get('steps', '?')} steps; tokens/s = batch x seq / step time.",
-        f"- **Rounds**: every decode and training measurement ran in {data.get('rounds', 1)} separate "
-        "processes, interleaved (all tasks once, then all again, ...), so that ours and its baselines share the "
-        "host's slow and fast phases; the tables give the median process and, in brackets, the lowest and "
-        "highest process. Ratios are between medians.",
+        (f"- **Rounds**: every decode and training measurement ran in {data['rounds']} separate "
+         "processes, interleaved (all tasks once, then all again, ...), so that ours and its baselines share the "
+         "host's slow and fast phases; the tables give the median process and, in brackets, the lowest and "
+         "highest process. Ratios are between medians." if data.get("rounds", 1) > 1 else
+         "- **Rounds**: one: every decode and training measurement ran once, in its own process (the brackets "
+         "repeat that one figure; `--rounds N` interleaves N processes per measurement and reports their "
+         "median). Ratios are between processes of the same run."),
         "- **Peak memory**: `ru_maxrss` of the measurement's own process (model build, warm-up and all "
         "repetitions included).",
         "- **Bandwidth and roofline**: fp32 matrix-vector product with the lm_head's shape "
