@@ -263,7 +263,8 @@ def memory_why(res):
     rest = plain["peak_rss_mb"] - mf["peak_rss_mb"]
     return (f"NormHead's training path (row norms of the {bc.BENCH_SHAPE['vocab_size']} x "
             f"{bc.BENCH_SHAPE['hidden_size']} head and their gradient; on CPU fp32 the one-pass kernels of "
-            f"baichuan2_norm_head) accounts for {head:,.0f} MiB (ours with a plain head: {plain['peak_rss_mb']:,.0f} MiB); "
+            f"baichuan2_norm_head) accounts for {head:,.0f} MiB "
+            f"(ours with a plain head: {plain['peak_rss_mb']:,.0f} MiB); "
             f"the rest of the model {rest:+,.0f} MiB (memory section)")
 
 

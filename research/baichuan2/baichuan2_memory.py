@@ -447,6 +447,7 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
                     per_layer, embedding, head, lora_targets, lora_rank, optimizer, parallel_optimizer,
                     recompute, device):
     """Gradients, optimizer moments, activations, logits of one pipeline stage (in place into ``parts``)."""
+    kernels = norm_head_kernels(shape, device)
     if lora_targets:
         trainable = n_layers * lora_elements(shape, lora_targets, lora_rank, mp)
         param_bytes = shape.param_bytes
@@ -480,7 +481,6 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
     activations += attention_shared_bytes(shape, mp, tokens // shape.seq)
     parts["activations"] = activations
     if last:
-        kernels = norm_head_kernels(shape, device)
         buffers = _logit_buffers(device, True, bool(lora_targets), kernels)
         parts["logits / loss"] = buffers * tokens * (shape.vocab // mp) * 4
         if not lora_targets and not kernels:
@@ -495,7 +495,7 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
         loss_phase = sum(parts[k] for k in ("activations", "logits / loss", "lm_head norm temporaries",
                                             "CPU kernel index tables") if k in parts)
         largest = min(trainable, max(shape.vocab, shape.ffn) * shape.hidden) * param_bytes
-        update_temps = _UPDATE_TEMPS[norm_head_kernels(shape, device)]
+        update_temps = _UPDATE_TEMPS[kernels]
         parts[CPU_UPDATE_PART] = max(0, gradients + update_temps * largest - loss_phase)
         judgements.append(f"gradients {gradients / GIB:.2f} GB and {update_temps} update temporaries of the largest "
                           "trainable tensor exist only after the loss phase (CPU, measured); the part counts what "

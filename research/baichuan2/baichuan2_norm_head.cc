@@ -3,7 +3,8 @@
 // Why: written with MindSpore ops, the row norms and their gradient are a dozen memory-bound passes over the
 // (V, h) weight and the (T, V) logits each step (Mul, ReduceSum, Tile, their gradients, the AddN of the two
 // weight gradients): at the bench shape (V = 125696, h = 1024, T = 512) 0.25 s of a 3.65 s step
-// (docs/performance.md). These kernels do the same arithmetic in one pass over each operand:
+// (2026-12-04, an AVX-512 host, before these kernels). These kernels do the same arithmetic in one pass
+// over each operand:
 //   RowInvNorm(W)                      -> inv (V)             reads W once
 //   ScaleColumns(raw, inv)             -> raw * inv           one pass over (T, V)
 //   ScaleColumnsGrad(dout, out, inv)   -> g = dout * inv, s[v] = sum_t dout[t, v] * out[t, v]

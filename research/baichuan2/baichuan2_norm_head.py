@@ -3,7 +3,8 @@
 Baichuan2's lm_head computes ``logits = (x @ W.T) * inv``, ``inv[v] = 1 / max(||W[v]||, 1e-12)``
 (``baichuan2_layers.NormHead``). Written with MindSpore ops, the row norms, the column scaling and their
 autodiff gradients are a dozen memory-bound passes over the (V, h) weight and the (T, V) logits every
-training step (0.25 s of a 3.65 s bench-shape step, docs/performance.md). ``baichuan2_norm_head.cc`` does
+training step (0.25 s of a 3.65 s bench-shape step, measured 2026-12-04 on an AVX-512 host before these
+kernels; docs/performance.md now gives the kernels' cost). ``baichuan2_norm_head.cc`` does
 the same arithmetic in one pass over each operand; this module wraps it as MindSpore AOT custom operators:
 
 * ``row_inv_norm_primitive``: W (V, h) -> inv (V);
