@@ -104,6 +104,38 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# A training step that still faults in new memory is not the steady state a run spends its time in: MindSpore's
+# CPU memory pool can take new blocks in the first steps after compiling, and the kernels then fault their pages
+# in (measured 2026-12-07 at the bench shape: 1 GiB and about 1.2 s more in each of steps 2 and 3). Warm-up goes
+# on while a step faults in more than this, at most MAX_EXTRA_WARMUP steps beyond the fixed warm-up.
+GROWTH_LIMIT_BYTES = 64 * 2 ** 20
+MAX_EXTRA_WARMUP = 3
+
+
+def timed_steps(call, warmup, steps):
+    """Run ``call(i)`` for i = 0, 1, ...: ``warmup`` warm-up steps, more (at most ``MAX_EXTRA_WARMUP``) while the
+    last one faulted in more than ``GROWTH_LIMIT_BYTES`` of new pages, then ``steps`` timed ones.
+
+    Returns ``(times, warmup_used, faulted_mb)``: wall seconds and MiB of pages faulted in by every step (warm-up
+    included), and how many leading steps were warm-up.
+    """
+    page = resource.getpagesize()
+    times, faulted = [], []
+    warmup_used = warmup
+    i = 0
+    while i < warmup_used + steps:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        call(i)
+        times.append(time.perf_counter() - start)
+        faulted.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * page / 2 ** 20)
+        still_growing = faulted[-1] * 2 ** 20 > GROWTH_LIMIT_BYTES
+        if i == warmup_used - 1 and still_growing and warmup_used < warmup + MAX_EXTRA_WARMUP:
+            warmup_used += 1
+        i += 1
+    return times, warmup_used, faulted
+
+
 def current_rss_mb():
     import psutil  # pylint: disable=import-outside-toplevel
     return psutil.Process().memory_info().rss / 2 ** 20

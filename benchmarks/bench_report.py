@@ -236,10 +236,10 @@ def new_targets(res):
         why = "" if many else f"failed: {res.error(name)}"
         if ratio is not None and ratio < TARGET_BATCH:
             why = (f"{one['ms_per_token']:.1f} -> {1000 / many['decode_tok_s']:.1f} ms per step from batch 1 to "
-                   f"{batch}: MindSpore's CPU MatMul (oneDNN 2.2's gemm) reads the weight once per group of 2-3 rows; "
-                   "the one-pass kernel (baichuan2_rows_matmul, used for fp32 cached decode on CPU) reads it once, "
-                   "and the rest of the step (attention over 4 caches, 4 x vocab logits, elementwise ops) grows "
-                   "with the rows (benchmarks/bench_matmul_shapes.py, docs/serving.md)")
+                   f"{batch}: the one-pass kernel (baichuan2_rows_matmul, fp32 cached decode on CPU) reads each "
+                   "weight once for all rows, but with more rows it computes more per byte and reads slower where "
+                   "the FMA units are narrow (AVX2); the copies of each layer's cache window and the per-head "
+                   "attention products grow with the rows (docs/serving.md)")
         rows.append((f"batch-{batch} decode aggregate tokens/s >= {TARGET_BATCH:.0f}x batch 1, {label}, prompt "
                      f"{bc.PROMPTS[0]}", _fmt(ratio, 2, "x"), _status(ratio, TARGET_BATCH), why))
     return rows
@@ -435,10 +435,11 @@ def explain_train(res):
     norm = ours["categories_ms"].get("lm_head non-MatMul ops (NormHead row norms and their gradients)", 0.0)
     if norm > 1:
         lines.append(f"- NormHead: Baichuan2's lm_head divides every logit by the norm of its weight row. On CPU "
-                     f"(fp32) the row norms, the column scaling and the gradient through the norm are one-pass "
-                     f"kernels (`baichuan2_norm_head`): one pass over the {bc.BENCH_SHAPE['vocab_size']} x "
+                     f"(fp32) the row norms and the norm's share of the gradient are one-pass kernels "
+                     f"(`baichuan2_norm_head`): one pass over the {bc.BENCH_SHAPE['vocab_size']} x "
                      f"{bc.BENCH_SHAPE['hidden_size']} weight for the norms and one for the norm's share of "
-                     f"its gradient, one over the tokens x vocab logits each way ({norm / 1000:.3f} s here). "
+                     f"its gradient ({norm / 1000:.3f} s here). The column scaling is fused into the loss's two "
+                     "kernels (one pass over the tokens x vocab raw product each way), counted as the loss. "
                      "MindFormers' Llama has a plain linear head, so this cost is inherent to the model, not to "
                      "the port; it shrinks relative to the MatMuls as the number of tokens per step grows.")
     return lines
@@ -559,8 +560,13 @@ def method_section(data, res):
         "`baichuan2_optim`), MindFormers' Llama with `nn.AdamWeightDecay` (MindSpore's fastest stock AdamW on "
         "CPU, see Optimizer step), and ours once more with `nn.AdamWeightDecay` to tell the model from the "
         "optimizer; transformers: eager, `torch.optim.AdamW`. "
-        f"{train.get('warmup', '?')} warm-up steps (the first one compiles), then the median of "
-        f"{train.get('steps', '?')} steps; tokens/s = batch x seq / step time.",
+        f"{train.get('warmup', '?')} warm-up steps (the first one compiles), more (at most "
+        f"{bc.MAX_EXTRA_WARMUP}) while a step still faults in over {bc.GROWTH_LIMIT_BYTES // 2 ** 20} MiB of new "
+        "memory (the allocator still growing: not the steady state of a run; `bench_common.timed_steps`), then the "
+        f"median of {train.get('steps', '?')} steps; tokens/s = batch x seq / step time. Warm-up steps used: "
+        + ", ".join(f"{name} {res.get(name).get('warmup_used', res.get(name).get('warmup', '?'))}"
+                    for name in sorted(res.results) if name.startswith(("train-", "finetune-")) and res.get(name))
+        + ".",
         (f"- **Rounds**: every decode and training measurement ran in {data['rounds']} separate "
          "processes, interleaved (all tasks once, then all again, ...), so that ours and its baselines share the "
          "host's slow and fast phases; the tables give the median process and, in brackets, the lowest and "

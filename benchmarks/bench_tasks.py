@@ -375,14 +375,12 @@ def train_ms(args, ms):
     rng = np.random.RandomState(0)
     batches = [Tensor(rng.randint(3, bc.BENCH_SHAPE["vocab_size"], size=(args.batch, args.seq + 1)).astype(np.int32))
                for _ in range(2)]
-    losses, times = [], []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        loss = float(step(batches[i % 2]).asnumpy())
-        times.append(time.perf_counter() - start)
-        losses.append(loss)
+    losses = []
+    times, warmup_used, faulted = bc.timed_steps(lambda i: losses.append(float(step(batches[i % 2]).asnumpy())),
+                                                 args.warmup, args.steps)
     return {"params": count_params_ms(net), "step_times": times, "losses": losses, "rss_after_build_mb": built_rss,
-            "mode": ms.get_context("mode"), "optimizer": OPTIMIZERS[args.optimizer], "variant": args.variant}
+            "mode": ms.get_context("mode"), "optimizer": OPTIMIZERS[args.optimizer], "variant": args.variant,
+            "warmup_used": warmup_used, "faulted_mb": faulted}
 
 
 def train_hf(args, torch):
@@ -392,19 +390,20 @@ def train_hf(args, torch):
     rng = np.random.RandomState(0)
     batches = [torch.tensor(rng.randint(3, bc.BENCH_SHAPE["vocab_size"], size=(args.batch, args.seq + 1)))
                for _ in range(2)]
-    losses, times = [], []
-    for i in range(args.warmup + args.steps):
+    losses = []
+
+    def train_step(i):
         ids = batches[i % 2]
-        start = time.perf_counter()
         logits = model(input_ids=ids[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        times.append(time.perf_counter() - start)
         losses.append(float(loss))
+    times, warmup_used, faulted = bc.timed_steps(train_step, args.warmup, args.steps)
     return {"params": int(sum(p.numel() for p in model.parameters())), "step_times": times, "losses": losses,
-            "rss_after_build_mb": built_rss, "mode": "eager", "optimizer": "torch.optim.AdamW (foreach)"}
+            "rss_after_build_mb": built_rss, "mode": "eager", "optimizer": "torch.optim.AdamW (foreach)",
+            "warmup_used": warmup_used, "faulted_mb": faulted}
 
 
 def task_train(args):
@@ -412,7 +411,7 @@ def task_train(args):
         result = train_hf(args, bc.setup_torch())
     else:
         result = train_ms(args, bc.setup_mindspore("graph"))
-    timed = result["step_times"][args.warmup:]
+    timed = result["step_times"][result["warmup_used"]:]
     flops = bc.train_flops_per_token(seq=args.seq)
     tokens_s = args.batch * args.seq / bc.median(timed)
     result.update(task="train", impl=args.impl, batch=args.batch, seq=args.seq, warmup=args.warmup,
@@ -506,18 +505,18 @@ def task_finetune(args):
     optimizer = make_optimizer(net.trainable_params(), args.optimizer)
     step = nn.TrainOneStepCell(WithLabels(net), optimizer)
     step.set_train(True)
-    losses, times, used = [], [], []
-    for i in range(args.warmup + args.steps):
+    losses, used = [], []
+
+    def train_step(i):
         index = i % len(records)
         record = records[index]
         inputs = [Tensor(record["input_ids"].reshape(1, -1)), Tensor(record["labels"].reshape(1, -1))]
         if use_positions:
             inputs.append(Tensor(record["position_ids"].reshape(1, -1)))
-        start = time.perf_counter()
         losses.append(float(step(*inputs).asnumpy()))
-        times.append(time.perf_counter() - start)
         used.append(index)
-    timed, timed_idx = times[args.warmup:], used[args.warmup:]
+    times, warmup_used, faulted = bc.timed_steps(train_step, args.warmup, args.steps)
+    timed, timed_idx = times[warmup_used:], used[warmup_used:]
     step_s = bc.median(timed)
     mean_in = float(np.mean([c[0] for c in counts]))
     mean_lab = float(np.mean([c[1] for c in counts]))
@@ -525,7 +524,8 @@ def task_finetune(args):
     result.update(
         available=True, records=len(records), columns=columns, position_ids_passed=bool(use_positions),
         preprocess_summary=summary, params=count_params_ms(net), rss_after_build_mb=built_rss,
-        step_times=times, losses=losses, step_s=step_s, first_step_s=times[0],
+        step_times=times, losses=losses, step_s=step_s, first_step_s=times[0], warmup_used=warmup_used,
+        faulted_mb=faulted,
         input_tokens_total=int(sum(c[0] for c in counts)), label_tokens_total=int(sum(c[1] for c in counts)),
         input_tokens_per_record=mean_in, label_tokens_per_record=mean_lab,
         fill=mean_in / args.seq,
@@ -580,7 +580,9 @@ def categorize(rows, steps, phase):
     The profiler puts some layer-weight gradient MatMuls under the lm_head scope, so the lm_head's
     MatMuls are: the forward MatMul(s) in its scope and, in training, the two largest gradient
     MatMuls in its scope (input and weight gradients of the (tokens x h) @ (h x V) product).
-    The one-pass decode kernel (a ``Custom`` op under a ``DecodeMatMul`` scope) counts as a MatMul.
+    The one-pass decode kernel (a ``Custom`` op under a ``DecodeMatMul`` scope) counts as a MatMul; the
+    cross-entropy kernels fused into the head (``fused_loss`` scope) count as the loss, except the norm's share
+    of the head's weight gradient (``NormWeightGrad`` scope), which is NormHead's.
     """
     by_type = {}
     for op_type, _, total in rows:
@@ -608,10 +610,10 @@ def categorize(rows, steps, phase):
             add("KV cache write (" + op_type + ")", total)
         elif "optimizer" in name or op_type.startswith("Adam"):
             add("optimizer (AdamW)", total)
+        elif "loss" in name.replace("lm_head", "") and "NormWeightGrad" not in name:   # also fused into the head
+            add("loss (cross entropy)", total)
         elif "lm_head" in name:
             add("lm_head non-MatMul ops (NormHead row norms and their gradients)", total)
-        elif "loss" in name:
-            add("loss (cross entropy)", total)
         elif "tok_embeddings" in name:
             add("embedding (gather / its gradient)", total)
         else:
@@ -656,14 +658,17 @@ def task_profile(args):
 
         def run():
             return step(batch).asnumpy()
-        run()
         steps = 1 if args.quick else 2
-    run()
-    wall = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    if args.phase == "train":     # as the train task: warm-up goes on while a step still grows the process
+        times, warmup_used, _ = bc.timed_steps(lambda i: run(), 2, steps)
+        wall = times[warmup_used:]
+    else:
         run()
-        wall.append(time.perf_counter() - start)
+        wall = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            run()
+            wall.append(time.perf_counter() - start)
     out_dir = tempfile.mkdtemp(prefix="bench_profile_")
     try:
         profiler = Profiler(output_path=out_dir, profiler_level=ProfilerLevel.Level1)

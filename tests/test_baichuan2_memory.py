@@ -106,14 +106,14 @@ def test_cpu_kernel_index_tables_per_compiled_graph():
 
 
 def test_cpu_training_logits_buffers_and_their_judgement_agree():
-    """CPU training plans 6 tokens x vocab fp32 buffers with a trained fp32 head, 5 with LoRA's frozen head
-    (NormHead's one-pass kernels), 8 and 6 when the head runs in MindSpore ops (half precision), and the
-    judgement line states the count the part used."""
+    """CPU training plans 3 tokens x vocab fp32 buffers with a trained fp32 head, 2 with LoRA's frozen head
+    (NormHead's one-pass kernels with the loss fused into the head), 8 and 6 when the head runs in MindSpore ops
+    (half precision), and the judgement line states the count the part used."""
     model = {"vocab_size": 1000, "hidden_size": 64, "num_layers": 2, "num_heads": 4, "seq_length": 128,
              "intermediate_size": 160}
     lora = {"pet_type": "lora", "lora_rank": 8, "target_modules": ".*wq|.*wk|.*wv"}
     half = dict(model, param_init_type="float16", compute_dtype="float16")
-    for config, pet_config, count in ((model, None, 6), (model, lora, 5), (half, None, 8), (half, lora, 6)):
+    for config, pet_config, count in ((model, None, 3), (model, lora, 2), (half, None, 8), (half, lora, 6)):
         planned = mem.plan(config, run_mode="finetune", batch_size=2, device="CPU", pet_config=pet_config)
         assert planned.parts["logits / loss"] == count * 2 * 128 * 1000 * 4
         assert f"logits / loss: {count} fp32 tokens x vocab buffers (measured on CPU)" in planned.judgements

@@ -299,3 +299,43 @@ def test_profile_counts_the_one_pass_decode_kernel_as_a_matmul():
                                        "attention BatchMatMul (QK^T, PV over the cache)": 0.5,
                                        "lm_head non-MatMul ops (NormHead row norms and their gradients)": 0.2}
     assert result["by_type_ms"] == {"Custom": 68.0, "BatchMatMul": 0.5, "Mul": 0.2}
+
+
+def test_profile_counts_the_fused_loss_kernels_as_the_loss():
+    """A training profile's Custom ops of the cross-entropy fused into the head are the loss; the head's own row
+    norm kernel and the norm's share of its weight gradient stay under the lm_head, and the fused cell's three
+    products are the lm_head MatMuls."""
+    import bench_tasks  # pylint: disable=import-outside-toplevel
+    head = "Default/network-Net/lm_head-NormHead/"
+    rows = [("MatMul", head + "fused_loss-FusedNormHeadCrossEntropy/MatMul-op0", 1800.0),
+            ("MatMul", head + "fused_loss-FusedNormHeadCrossEntropy/MatMul-op1", 1900.0),
+            ("MatMul", head + "fused_loss-FusedNormHeadCrossEntropy/MatMul-op2", 1750.0),
+            ("Custom", head + "fused_loss-FusedNormHeadCrossEntropy/Custom-op1", 80.0),
+            ("Custom", head + "fused_loss-FusedNormHeadCrossEntropy/Custom-op2", 90.0),
+            ("Custom", head + "fused_loss-FusedNormHeadCrossEntropy/weight_grad-_NormWeightGrad/Custom-op0", 70.0),
+            ("Custom", head + "Custom-op0", 20.0),
+            ("LogSoftmax", "Default/network-Net/loss-MaskedCrossEntropy/LogSoftmax-op0", 10.0)]
+    result = bench_tasks.categorize(rows, 1, "train")
+    assert result["categories_ms"] == {"lm_head MatMul": 5450.0, "loss (cross entropy)": 180.0,
+                                       "lm_head non-MatMul ops (NormHead row norms and their gradients)": 90.0}
+
+
+def test_warm_up_goes_on_while_a_step_still_grows_the_process():
+    """bench_common.timed_steps: steps that fault in new memory (an allocator still growing) stay warm-up, at most
+    MAX_EXTRA_WARMUP beyond the fixed ones; the timed steps follow."""
+    import bench_common  # pylint: disable=import-outside-toplevel
+    held = []
+
+    def grows_for(count):
+        def step(i):
+            if i < count:      # bytearray zero-fills: its pages are faulted in during the step
+                held.append(bytearray(2 * bench_common.GROWTH_LIMIT_BYTES))
+        return step
+    times, warmup_used, faulted = bench_common.timed_steps(grows_for(0), 2, 3)
+    assert (len(times), warmup_used) == (5, 2)
+    times, warmup_used, faulted = bench_common.timed_steps(grows_for(2), 2, 3)     # the 2nd warm-up step grew
+    assert (len(times), warmup_used) == (6, 3) and faulted[1] * 2 ** 20 > bench_common.GROWTH_LIMIT_BYTES
+    held.clear()
+    times, warmup_used, _ = bench_common.timed_steps(grows_for(100), 2, 3)
+    assert (len(times), warmup_used) == (2 + bench_common.MAX_EXTRA_WARMUP + 3, 2 + bench_common.MAX_EXTRA_WARMUP)
+    held.clear()

@@ -46,7 +46,7 @@ from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen
     use_rows_matmul, use_norm_head_kernels
 from baichuan2_loss import build_loss
 from baichuan2_rows_matmul import install_decode_matmul
-from baichuan2_norm_head import FusedNormHeadProduct, row_inv_norm_primitive
+from baichuan2_norm_head import FusedNormHeadCrossEntropy, FusedNormHeadProduct, row_inv_norm_primitive
 from baichuan2_generation import Baichuan2GenerationMixin
 
 # Masked attention scores get this value instead of -inf, so that a row with no visible key
@@ -372,12 +372,16 @@ class NormHead(nn.Cell):
     ``kernels``: path of the compiled NormHead kernels (``baichuan2_device.use_norm_head_kernels``) or None.
     With them the row norms are one kernel, and training runs the product through
     ``baichuan2_norm_head.FusedNormHeadProduct`` (one pass for the scaling, one for its gradient, one for the
-    norm's share of W's gradient); the function and its gradient are the same.
+    norm's share of W's gradient); the function and its gradient are the same. ``fuse_loss`` (with
+    ``kernels``): training takes the loss from ``cross_entropy`` instead of the logits (the loss of
+    ``baichuan2_loss.MaskedCrossEntropy``, computed without writing the logits); the caller decides it
+    (the vocabulary not split over devices) and checks ``fused_loss``.
 
     Input (B, S, h) or (N, h); output fp32 logits (..., V).
     """
 
-    def __init__(self, hidden_size, vocab_size, compute_dtype, param_init_type, use_past, kernels=None):
+    def __init__(self, hidden_size, vocab_size, compute_dtype, param_init_type, use_past, kernels=None,
+                 fuse_loss=False):
         super().__init__()
         self.weight = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)), [vocab_size, hidden_size],
                                             param_init_type), name="weight")
@@ -391,6 +395,7 @@ class NormHead(nn.Cell):
                                       requires_grad=False)
         self.kernel_row_inv_norm = row_inv_norm_primitive(kernels) if kernels else None
         self.fused_product = FusedNormHeadProduct(kernels) if kernels else None
+        self.fused_loss = FusedNormHeadCrossEntropy(kernels) if kernels and fuse_loss else None
 
     def _row_inv_norm(self):
         if self.kernel_row_inv_norm is not None:
@@ -398,6 +403,14 @@ class NormHead(nn.Cell):
         weight = self.weight.astype(mstype.float32)
         norm = ops.sqrt(ops.reduce_sum(weight * weight, -1))
         return 1.0 / ops.maximum(norm, 1e-12)
+
+    def cross_entropy(self, x, labels, label_weight):
+        """Training loss from hidden states (B, S, h), labels (B, S) int32 and their weights (B, S) fp32:
+        ``sum(weight * nll) / (sum(weight) + 1e-8)``, fp32 scalar. Needs ``fused_loss``."""
+        inv_norm = ops.stop_gradient(self._row_inv_norm())        # its gradient is in the loss's backward
+        loss, _, _ = self.fused_loss(x.reshape(-1, x.shape[-1]), self.weight, inv_norm, labels.reshape(-1),
+                                     label_weight.reshape(-1))
+        return loss
 
     def construct(self, x):
         if self.training and self.fused_product is not None:
@@ -599,9 +612,11 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
         self.vocab_size = config.vocab_size
         self.is_first_iteration = True
         self.model = self.model_class(config)
+        # The loss is fused into the head where its kernels run, unless the vocabulary is split (build_loss).
         self.lm_head = NormHead(config.hidden_size, config.vocab_size, config.compute_dtype,
                                 config.param_init_type, config.use_past,
-                                use_norm_head_kernels(config.compute_dtype, config.param_init_type))
+                                use_norm_head_kernels(config.compute_dtype, config.param_init_type),
+                                fuse_loss=config.parallel_config.model_parallel == 1)
         if config.parallel_config.pipeline_stage > 1:
             self.lm_head.pipeline_stage = config.parallel_config.pipeline_stage - 1
         self.loss = build_loss(config.parallel_config)
@@ -640,7 +655,6 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
                 index = ops.broadcast_to(index, (batch, 1, hidden.shape[-1]))
                 last = ops.gather_elements(hidden, 1, index).squeeze(1)                   # (B, h)
             return self.lm_head(last)
-        logits = self.lm_head(hidden)
         if labels is not None and self.training:
             labels = labels[:, 1:]
         if labels is not None:
@@ -651,8 +665,11 @@ class Baichuan2ForCausalLM(Baichuan2GenerationMixin, LlamaPreTrainedModel):
             input_mask = input_mask * ops.not_equal(target_positions, 0).astype(mstype.float32)
         if not self.training:
             # As MindFormers: the metric shifts itself (predicts tokens[1:] where input_mask[1:] is set).
-            return logits, tokens, input_mask
+            return self.lm_head(hidden), tokens, input_mask
         if labels is None:
             labels = input_ids[:, 1:]
-        return self.loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).astype(mstype.int32),
-                         input_mask.reshape(-1))
+        labels = labels.astype(mstype.int32)
+        if self.lm_head.fused_loss is not None:
+            return self.lm_head.cross_entropy(hidden, labels, input_mask)
+        logits = self.lm_head(hidden)
+        return self.loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), input_mask.reshape(-1))

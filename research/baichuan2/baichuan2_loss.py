@@ -17,13 +17,25 @@ scaled softmax and a scatter of ``-scale`` into the label column. No one-hot mat
 either pass.
 
 It is used when the vocabulary is not split over devices (``model_parallel == 1``: CPU, data
-parallel, pipeline stages). A vocabulary split over ``model_parallel`` devices needs MindFormers'
-sharded reductions, so ``build_loss`` keeps ``CrossEntropyLoss`` there.
+parallel, pipeline stages). Where the NormHead kernels run (CPU, fp32), the model fuses this loss with
+the head instead (``baichuan2_norm_head.FusedNormHeadCrossEntropy``: the same function, reduced by the
+same ``masked_mean`` / ``masked_mean_scale``). A vocabulary split over ``model_parallel`` devices needs
+MindFormers' sharded reductions, so ``build_loss`` keeps ``CrossEntropyLoss`` there.
 """
 from mindspore import nn, ops
 from mindformers.core.loss import CrossEntropyLoss
 
 _EPS = 1e-8    # MindFormers CrossEntropyLoss's denominator guard
+
+
+def masked_mean(values, weight):
+    """``sum(weight * values) / (sum(weight) + 1e-8)`` for values, weight (N,) fp32 -> fp32 scalar."""
+    return (values * weight).sum() / (weight.sum() + _EPS)
+
+
+def masked_mean_scale(weight, dout):
+    """d masked_mean / d values_t times ``dout``: ``weight_t * dout / (sum(weight) + 1e-8)``, (N,) fp32."""
+    return weight * (dout / (weight.sum() + _EPS))
 
 
 class MaskedCrossEntropy(nn.Cell):
@@ -45,11 +57,11 @@ class MaskedCrossEntropy(nn.Cell):
     def construct(self, logits, labels, weight):
         log_probs = ops.log_softmax(logits, axis=-1)                                             # (N, V)
         nll = -ops.gather_elements(log_probs, 1, self._safe_labels(labels, logits.shape[-1])).reshape(-1)
-        return (nll * weight).sum() / (weight.sum() + _EPS)
+        return masked_mean(nll, weight)
 
     def bprop(self, logits, labels, weight, out, dout):
         """d logits only; labels and weight get zeros (they carry no gradient)."""
-        scale = (weight * (dout / (weight.sum() + _EPS))).reshape(-1, 1)                         # (N, 1)
+        scale = masked_mean_scale(weight, dout).reshape(-1, 1)                                    # (N, 1)
         # scale repeated first: a (N, V) * (N, 1) Mul would keep N x V index tables on CPU (baichuan2_layers).
         grad = ops.softmax(logits, axis=-1) * ops.tile(scale, (1, logits.shape[-1]))             # (N, V)
         grad = ops.tensor_scatter_elements(grad, self._safe_labels(labels, logits.shape[-1]), -scale,

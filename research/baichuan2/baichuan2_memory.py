@@ -46,15 +46,18 @@ RUN_MODES = ("train", "finetune", "eval", "predict")
 # Number of (tokens x vocab/mp) fp32 buffers alive at the peak of the lm_head + loss.
 # CPU: measured for this project's NormHead + ``baichuan2_loss.MaskedCrossEntropy`` under MindSpore 2.7.2 CPU
 #   graph mode, by differencing two sequence lengths at fixed weights (docs/memory.md, "CPU validation").
-#   With NormHead's one-pass kernels (fp32 heads, ``norm_head_kernels``): 6 when the head trains (the
-#   logits the fused product keeps for its backward and the loss, the log-softmax, the softmax, its scaled
-#   copy, the scatter, the gradient of the raw product), 5 with a frozen head (LoRA). Without them (the head
-#   in MindSpore ops): 8 and 6 (raw and scaled logits, the broadcast inv_norm, the products for d inv_norm).
+#   With NormHead's one-pass kernels (fp32 heads, ``norm_head_kernels``), which also fuse the loss into the
+#   head (``FusedNormHeadCrossEntropy``; CPU runs no model parallelism, where it would not be fused): 3 when
+#   the head trains (measured 2.92: the raw product kept for the backward, its gradient, and one more the
+#   CPU pool holds at that point), 2 with a frozen head (LoRA, measured 1.78). Before the loss was fused
+#   (2026-12-07): 6 and 5 (the scaled logits, the log-softmax, the softmax, its scaled copy, the scatter,
+#   the gradient of the raw product). Without the kernels (the head in MindSpore ops): 8 and 6 (raw and
+#   scaled logits, the broadcast inv_norm, the products for d inv_norm).
 #   Evaluation keeps no backward chain: logits + log-softmax work buffers (3, a judgement: not measured).
 # Ascend: judgement. Static memory planning (SOMAS) reuses buffers; 4 live fp32 buffers (logits,
 #   log-softmax, one-hot, d_logits) plus the fp16 matmul output.
 _LOGIT_BUFFERS = {("CPU", "train"): 8, ("CPU", "lora"): 6, ("CPU", "eval"): 3,
-                  ("CPU-kernels", "train"): 6, ("CPU-kernels", "lora"): 5, ("CPU-kernels", "eval"): 3,
+                  ("CPU-kernels", "train"): 3, ("CPU-kernels", "lora"): 2, ("CPU-kernels", "eval"): 3,
                   ("Ascend", "train"): 4, ("Ascend", "lora"): 4, ("Ascend", "eval"): 2}
 # CPU: the optimizer step runs after the backward has freed the loss buffers, and updates one weight at a
 # time with a few weight-sized temporaries, measured (nn.AdamWeightDecay) as 2 of the largest trainable tensor
@@ -83,6 +86,13 @@ _TRANSPOSE_INDEX_BYTES = 8
 # once-only part of the growth with the number of heads (docs/memory.md); a judgement elsewhere.
 _ATTENTION_BACKWARD_SCORES = 3
 _TRANSPOSES_PER_LAYER = {"train": 8, "infer": 4}
+# CPU training without recompute: what a training step holds per token and decoder layer beyond the items
+# ``activation_bytes_per_token`` lists, measured by differencing 4 against 2 layers at h 256, 16 heads, seq
+# 1024, vocab 4096 (2026-12-07: 311 MiB measured against 231 MiB planned per 2 layers x 1024 tokens). Not
+# attributed to a tensor (the pool's reuse of freed activation blocks for gradients of other sizes is one
+# candidate); its dependence on the shape is not measured, so it is a judgement beyond that shape.
+CPU_UNATTRIBUTED_PER_TOKEN_LAYER = 40 * 1024
+CPU_UNATTRIBUTED_PART = "activations, unattributed (CPU, measured)"
 # Ascend: HCCL buffers, graph workspace, runtime reserve and fragmentation inside max_device_memory.
 ASCEND_WORKSPACE_BYTES = 2 * GIB
 # CPU: the measured RSS of a process that imported MindSpore + MindFormers and set the context (no model).
@@ -489,11 +499,15 @@ def _training_parts(parts, judgements, shape, stage, n_layers, first, last, pp, 
         judgements.append(f"activations of {in_flight} micro batches in flight on stage {stage} (1F1B)")
     if device == "CPU":
         parts["CPU kernel index tables"] = cpu_kernel_table_bytes(shape, n_layers, mp, [tokens], True)
+        if not recompute:
+            parts[CPU_UNATTRIBUTED_PART] = in_flight * tokens * n_layers * CPU_UNATTRIBUTED_PER_TOKEN_LAYER
+            judgements.append(f"{CPU_UNATTRIBUTED_PER_TOKEN_LAYER // 1024} KiB per token and layer held beyond the "
+                              "listed activations (CPU, measured at one shape, not attributed to a tensor)")
         # Two phases that do not overlap on CPU: the loss phase (activations, logits, head temporaries,
         # tables) ends before the gradients and the optimizer's temporaries exist. The peak is the larger.
         gradients = parts.pop("gradients")
-        loss_phase = sum(parts[k] for k in ("activations", "logits / loss", "lm_head norm temporaries",
-                                            "CPU kernel index tables") if k in parts)
+        loss_phase = sum(parts[k] for k in ("activations", CPU_UNATTRIBUTED_PART, "logits / loss",
+                                            "lm_head norm temporaries", "CPU kernel index tables") if k in parts)
         largest = min(trainable, max(shape.vocab, shape.ffn) * shape.hidden) * param_bytes
         update_temps = _UPDATE_TEMPS[kernels]
         parts[CPU_UPDATE_PART] = max(0, gradients + update_temps * largest - loss_phase)
