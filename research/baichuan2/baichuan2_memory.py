@@ -48,8 +48,9 @@ RUN_MODES = ("train", "finetune", "eval", "predict")
 #   graph mode, by differencing two sequence lengths at fixed weights (docs/memory.md, "CPU validation").
 #   With NormHead's one-pass kernels (fp32 heads, ``norm_head_kernels``), which also fuse the loss into the
 #   head (``FusedNormHeadCrossEntropy``; CPU runs no model parallelism, where it would not be fused): 3 when
-#   the head trains (measured 2.92: the raw product kept for the backward, its gradient, and one more the
-#   CPU pool holds at that point), 2 with a frozen head (LoRA, measured 1.78). Before the loss was fused
+#   the head trains (measured 2.76 beyond the other planned growth: the raw product kept for the backward,
+#   its gradient, and one more the CPU pool holds at that point), 2 with a frozen head (LoRA, measured
+#   1.61). Before the loss was fused
 #   (2026-12-07): 6 and 5 (the scaled logits, the log-softmax, the softmax, its scaled copy, the scatter,
 #   the gradient of the raw product). Without the kernels (the head in MindSpore ops): 8 and 6 (raw and
 #   scaled logits, the broadcast inv_norm, the products for d inv_norm).
