@@ -132,9 +132,10 @@ def targets(res):
         status = _status(ratio, TARGET_LONG_PROMPT, False)
         why = ""
         if ratio is not None:
-            why = (f"{short['ms_per_token']:.1f} -> {long['ms_per_token']:.1f} ms/token; a decode step reads the "
-                   f"cache window that holds the context ({_window(short)} slots at prompt {bc.PROMPTS[0]}, "
-                   f"{_window(long)} at {bc.PROMPTS[-1]})")
+            why = f"{short['ms_per_token']:.1f} -> {long['ms_per_token']:.1f} ms/token; a decode step reads "
+            why += ("each row's context in place (the in-place decode attention)" if _in_place(long) else
+                    f"the cache window that holds the context ({_window(short)} slots at prompt {bc.PROMPTS[0]}, "
+                    f"{_window(long)} at {bc.PROMPTS[-1]})")
         rows.append((f"{SHORT[impl]} ms/token at prompt {bc.PROMPTS[-1]} <= {TARGET_LONG_PROMPT}x prompt "
                      f"{bc.PROMPTS[0]}", _fmt(ratio, 2, "x"), status, why))
     ours, mf = res.get("train-ours7b"), res.get("train-mf")
@@ -190,10 +191,11 @@ def bench_batch_decode(res, batch):
 
 
 def decode_share(res, result, shape):
-    """Share of the roofline (bandwidth / bytes of a step, the step's own cache window) of a decode result."""
+    """Share of the roofline (bandwidth / bytes of a step: the weights, and the KV slots it reads) of a decode
+    result."""
     if not result:
         return None
-    roof = res.step_roofline(shape, result["prompt"], result["new_tokens"], _window(result),
+    roof = res.step_roofline(shape, result["prompt"], result["new_tokens"], _kv_read_slots(result),
                              result.get("batch", 1))
     return result["decode_tok_s"] / roof if roof else None
 
@@ -238,8 +240,9 @@ def new_targets(res):
             why = (f"{one['ms_per_token']:.1f} -> {1000 / many['decode_tok_s']:.1f} ms per step from batch 1 to "
                    f"{batch}: the one-pass kernel (baichuan2_rows_matmul, fp32 cached decode on CPU) reads each "
                    "weight once for all rows, but with more rows it computes more per byte and reads slower where "
-                   "the FMA units are narrow (AVX2); the copies of each layer's cache window and the per-head "
-                   "attention products grow with the rows (docs/serving.md)")
+                   "the FMA units are narrow (AVX2)" + ("" if _in_place(many) else
+                                                        "; the copies of each layer's cache window and the per-head "
+                                                        "attention products grow with the rows") + " (docs/serving.md)")
         rows.append((f"batch-{batch} decode aggregate tokens/s >= {TARGET_BATCH:.0f}x batch 1, {label}, prompt "
                      f"{bc.PROMPTS[0]}", _fmt(ratio, 2, "x"), _status(ratio, TARGET_BATCH), why))
     return rows
@@ -269,8 +272,25 @@ def memory_why(res):
 
 
 def _window(result):
-    """Cache slots the (last) decode step of a result read; results from before windows read them all."""
+    """Cache window of the (last) decode step of a result; results from before windows read all the slots."""
     return result.get("kv_window_slots", bc.BENCH_SHAPE["seq_length"])
+
+
+def _in_place(result):
+    """Whether the result's decode steps attended with the in-place kernel (``baichuan2_decode_attention``)."""
+    return result.get("decode_attention") == "in-place kernel"
+
+
+def _kv_read_slots(result):
+    """Cache slots per row a decode step of the result reads: None for each row's context (the in-place
+    kernel reads only that, the least any step can), else the window the portable attention copies."""
+    return None if _in_place(result) else _window(result)
+
+
+def _kv_read_note(result):
+    if _in_place(result):
+        return "each row's context, read in place (the in-place decode attention)"
+    return f"the first {_window(result)} cache slots (the window that holds the context)"
 
 
 def decode_why(res, impl):
@@ -281,7 +301,8 @@ def decode_why(res, impl):
     cats = prof["categories_ms"]
     parts = [f"{prof['wall_ms']:.1f} ms/step vs {1000 / res.roofline():.1f} ms roofline"]
     for key, label in (("KV cache write", "KV-cache write (copies the cache)"),
-                       ("attention", f"attention over a {_window(prof)}-slot cache window")):
+                       ("attention", "attention over each row's context in place" if _in_place(prof)
+                        else f"attention over a {_window(prof)}-slot cache window")):
         value = sum(v for k, v in cats.items() if k.startswith(key))
         if value >= 0.5:
             parts.append(f"{label} {value:.1f} ms")
@@ -336,8 +357,7 @@ def explain_decode(res):
             note = ("in place (IndexAdd)" if "IndexAdd" in name
                     else "copies each layer's whole K and V cache (see below)")
         elif name.startswith("attention"):
-            note = (f"reads the first {_window(prof)} of {bc.BENCH_SHAPE['seq_length']} cache slots of K and V "
-                    "(the window that holds the context)")
+            note = (f"reads K and V of {_kv_read_note(prof)}, of {bc.BENCH_SHAPE['seq_length']} cache slots")
         rows.append((name, f"{value:.2f}", f"{100 * value / wall:.0f}%", note))
     gap = wall - ops
     launch = ""
@@ -360,7 +380,11 @@ def explain_decode(res):
                      f"copies its whole input on every call, so writing one column costs a copy of the layer's "
                      f"{cache_mib / 2:.0f} MiB K (and V) cache; the time grows with `seq_length`, not with the "
                      f"data written (`baichuan2_layers.KVCache.update`).")
-    if attention > 0.5:
+    if attention > 0.5 and _in_place(prof):
+        lines.append(f"- Attention, {attention:.1f} ms per step: one kernel per layer reads each row's keys and "
+                     "values up to its position where they lie in the cache (`baichuan2_decode_attention`), so its "
+                     "cost grows with the context token by token.")
+    elif attention > 0.5:
         lines.append(f"- Attention, {attention:.1f} ms per step: a decode step attends over the first "
                      f"{_window(prof)} cache slots (the smallest window, in steps of max(128, seq_length / 8), "
                      "that holds the context; masked beyond it), so its cost grows with the context in steps.")
@@ -631,10 +655,10 @@ def roofline_section(res):
     for prompt in bc.PROMPTS:
         new = (res.decode("ours7b", prompt) or {}).get("new_tokens", 0)
         ideal = bc.decode_bytes_per_token(context=prompt + new / 2)["kv"]
-        window = _window(res.decode("ours7b", prompt) or {})
-        read = bc.decode_bytes_per_token(cache_slots=window)["kv"]
+        slots = _kv_read_slots(res.decode("ours7b", prompt) or {})
+        read = bc.decode_bytes_per_token(context=prompt + new, cache_slots=slots)["kv"]
         kv_rows.append((prompt, f"{ideal / MIB:.1f}", _fmt(res.roofline(prompt, new), 2),
-                        f"{read / MIB:.1f}", _fmt(res.roofline(prompt, new, window), 2)))
+                        f"{read / MIB:.1f}", _fmt(res.roofline(prompt, new, slots), 2)))
     labels = {"bandwidth": "median round (start of a round)", "bandwidth-end": "end of run"}
     kernel = runs[0][1]["numpy_blas"].get("kernel", "?")
     bw_rows = []
@@ -651,8 +675,10 @@ def roofline_section(res):
             _table(["bytes read per decode step", "MiB"], rows), "",
             f"Roofline (weights only): **{_fmt(roof, 2)} tokens/s** "
             f"({_fmt(1000 / roof if roof else None, 1)} ms/token). With the KV cache read as well:", "",
-            _table(["prompt", "KV MiB at mean context", "roofline tok/s", "KV MiB, last window (ours reads)",
-                    "roofline tok/s, last window"], kv_rows), ""]
+            _table(["prompt", "KV MiB at mean context", "roofline tok/s", "KV MiB ours reads, last step",
+                    "roofline tok/s, as ours reads"], kv_rows),
+            "", "Ours reads each row's context in place where the in-place decode attention runs (CPU fp32), "
+            "else the cache window that holds it.", ""]
 
 
 def bandwidth_line(res):
@@ -876,7 +902,7 @@ def wide_section(res):
         if r is None:
             rows.append((label, b, prompt, f"failed: {res.error(name)}", "", "", "", "", ""))
             continue
-        roof = res.step_roofline(shape, prompt, r["new_tokens"], _window(r), b)
+        roof = res.step_roofline(shape, prompt, r["new_tokens"], _kv_read_slots(r), b)
         rows.append((label, b, prompt, f"{r['decode_tok_s']:.2f} {_spread(r, 'decode_tok_s', 2)}",
                      f"{r.get('aggregate_tok_s', r['decode_tok_s']):.2f}", f"{r['ms_per_token']:.1f}",
                      _fmt(roof, 2), _fmt(100 * r["decode_tok_s"] / roof if roof else None, 0, "%"),
@@ -889,7 +915,8 @@ def wide_section(res):
             "so per-kernel launch gaps weigh about as little as in the real 7B/13B. Batch "
             f"{batch}: {batch} different random prompts of the same length decoded together (ours' "
             "`generate()` with a batch-4 KV cache). Roofline steps/s = the machine's matrix-vector bandwidth "
-            "/ bytes a step reads: the weights once for the whole batch, plus each row's KV-cache window. "
+            "/ bytes a step reads: the weights once for the whole batch, plus each row's KV cache as the step reads "
+            "it (its context in place with the in-place decode attention, else the cache window). "
             "Aggregate tokens/s = batch x steps/s." + _bandwidth_spread_note(res), "",
             _table(["shape", "batch", "prompt", "steps/s (tok/s per sequence)", "aggregate tok/s", "ms/step",
                     "roofline steps/s", "of roofline", "peak RSS MiB"], rows), ""]

@@ -261,8 +261,14 @@ def decode_ours(args, ms):
     result.update(warmup_s=warmup_s, rss_after_build_mb=built_rss, params=count_params_ms(net),
                   kv_cache_slots=shape["seq_length"],
                   kv_window_slots=decode_window(args.prompt + args.new, shape["seq_length"]),
-                  mode=ms.get_context("mode"))
+                  decode_attention=decode_attention_kind(net), mode=ms.get_context("mode"))
     return result
+
+
+def decode_attention_kind(net):
+    """"in-place kernel" (``baichuan2_decode_attention``: each row's context read from the cache) or
+    "portable" (attention over a copy of the cache window), as the network's layers took it."""
+    return "in-place kernel" if net.model.layers[0].attention.decode_attention is not None else "portable"
 
 
 def decode_mf(args, ms):
@@ -580,7 +586,8 @@ def categorize(rows, steps, phase):
     The profiler puts some layer-weight gradient MatMuls under the lm_head scope, so the lm_head's
     MatMuls are: the forward MatMul(s) in its scope and, in training, the two largest gradient
     MatMuls in its scope (input and weight gradients of the (tokens x h) @ (h x V) product).
-    The one-pass decode kernel (a ``Custom`` op under a ``DecodeMatMul`` scope) counts as a MatMul; the
+    The one-pass decode kernel (a ``Custom`` op under a ``DecodeMatMul`` scope) counts as a MatMul, the
+    in-place decode attention (a ``Custom`` op under a ``decode_attention`` scope) as attention; the
     cross-entropy kernels fused into the head (``fused_loss`` scope) count as the loss, except the norm's share
     of the head's weight gradient (``NormWeightGrad`` scope), which is NormHead's.
     """
@@ -604,6 +611,8 @@ def categorize(rows, steps, phase):
             add("lm_head MatMul", total)
         elif op_type in ("MatMul", "BatchMatMul") and phase == "decode" and op_type == "BatchMatMul":
             add("attention BatchMatMul (QK^T, PV over the cache)", total)
+        elif op_type == "Custom" and "decode_attention" in name:
+            add("attention, in-place kernel (scores, softmax, PV over each row's context)", total)
         elif op_type in ("MatMul", "BatchMatMul"):
             add("layer MatMuls" if phase == "decode" else "other MatMuls (layers, attention)", total)
         elif op_type in ("ScatterNdUpdate", "ScatterUpdate", "TensorScatterUpdate", "IndexAdd", "TensorMove"):
@@ -681,6 +690,7 @@ def task_profile(args):
         shutil.rmtree(out_dir, ignore_errors=True)
     if args.phase == "decode":
         result["kv_window_slots"] = decode_window(position[0], seq_length)
+        result["decode_attention"] = decode_attention_kind(net)
         result["shape_name"] = args.shape
     result.update(task="profile", impl=args.impl, phase=args.phase, steps=steps, wall_ms=1000 * bc.median(wall),
                   optimizer=OPTIMIZERS[args.optimizer] if args.phase == "train" else None,

@@ -1,25 +1,28 @@
 """Building the C++ CPU kernels: cached per host, and a host without a compiler keeps MindSpore's ops.
 
-``baichuan2_kernel_build.build_kernel`` compiles each kernel source once per host; each kernel module
-(``baichuan2_rows_matmul``, ``baichuan2_norm_head``) remembers its library and says what it does without it.
+``baichuan2_kernel_build.build_kernel`` compiles each kernel source once per host (``cached_kernel``: once per
+process); each kernel module (``baichuan2_rows_matmul``, ``baichuan2_norm_head``, ``baichuan2_decode_attention``)
+says what it does without its library.
 """
 import os
 
 import pytest
 
+import baichuan2_decode_attention as decode_attention
 import baichuan2_norm_head as norm_head
 import baichuan2_rows_matmul as rows
 import baichuan2_kernel_build as kernel_build
 from baichuan2_kernel_build import build_kernel
 
 KERNELS = {"rows_matmul": (rows, "decode uses ops.MatMul"),
-           "norm_head": (norm_head, "NormHead keeps MindSpore's elementwise ops")}
+           "norm_head": (norm_head, "NormHead keeps MindSpore's elementwise ops"),
+           "decode_attention": (decode_attention, "decode steps use the portable attention")}
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_no_compiler_means_one_warning_and_the_fallback(kernel, monkeypatch, tmp_path, caplog):
     module, fallback = KERNELS[kernel]
-    monkeypatch.setattr(module, "_LIBRARY", {})
+    monkeypatch.setattr(kernel_build, "_BUILT", {})
     monkeypatch.setenv("BAICHUAN2_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with caplog.at_level("WARNING", logger="baichuan2"):

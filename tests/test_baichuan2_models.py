@@ -213,14 +213,20 @@ def test_decode_windows():
     assert len({decode_window(n, 4096) for n in range(1, 4097)}) == 8
 
 
-def test_decode_step_over_a_window_of_the_cache_matches_reference(tiny):
+@pytest.mark.parametrize("attention", ["in-place kernel", "portable"])
+def test_decode_step_over_a_window_of_the_cache_matches_reference(tiny, attention, monkeypatch):
     """Decode steps that read only the first W cache slots give the full-forward logits, also while the
-    longest row crosses from one window (128 slots) to the next (256), for rows of different lengths."""
+    longest row crosses from one window (128 slots) to the next (256), for rows of different lengths.
+    Both decode attentions: CPU fp32's in-place kernel (``baichuan2_decode_attention``) and the portable
+    one over a copy of the window, which other devices and dtypes take."""
     kind, _, hf_config, ckpt, reference = tiny
+    if attention == "portable":
+        monkeypatch.setenv("BAICHUAN2_DECODE_ATTENTION", "0")
     rng = np.random.RandomState(11)
     rows = [list(rng.randint(3, hf_config["vocab_size"], size=n)) for n in (125, 60)]
     with execution_mode(ms.GRAPH_MODE):
         net = build_network(kind, hf_config, ckpt, use_past=True, batch_size=2, seq_length=384)
+        assert (net.model.layers[0].attention.decode_attention is not None) == (attention != "portable")
         tokens = np.zeros((2, 128), dtype=np.int32)
         for i, row in enumerate(rows):
             tokens[i, :len(row)] = row

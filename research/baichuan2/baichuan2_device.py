@@ -45,6 +45,9 @@ class DeviceCapabilities:
             (MindSpore's CPU MatMul reads the weight 2-3 times for 4 rows).
         norm_head_kernels: fp32 NormHead computes its row norms, column scaling and their gradient with
             ``baichuan2_norm_head``'s one-pass kernels instead of a dozen elementwise ops.
+        decode_attention: decode steps of fp32 inference networks attend over the KV cache in place with
+            ``baichuan2_decode_attention``'s one-pass kernel instead of copying the cache window and running
+            the portable attention's small products and elementwise ops.
     """
     device_target: str
     fused_rms_norm: bool
@@ -57,13 +60,14 @@ class DeviceCapabilities:
     fused_adam: bool = False
     rows_matmul: bool = False
     norm_head_kernels: bool = False
+    decode_attention: bool = False
 
 
 _TABLE = {
     "Ascend": DeviceCapabilities("Ascend", True, True, True, True, True, True, varlen_flash_attention=True),
     "GPU": DeviceCapabilities("GPU", False, False, False, True, True, True),
     "CPU": DeviceCapabilities("CPU", False, False, False, False, False, False, fused_adam=True,
-                             rows_matmul=True, norm_head_kernels=True),
+                             rows_matmul=True, norm_head_kernels=True, decode_attention=True),
 }
 
 
@@ -145,6 +149,23 @@ def use_norm_head_kernels(compute_dtype, param_init_type):
     if os.environ.get("BAICHUAN2_NORM_HEAD_KERNELS", "1") == "0":
         return None
     from baichuan2_norm_head import build_library  # pylint: disable=import-outside-toplevel
+    return build_library()
+
+
+def use_decode_attention(use_past, compute_dtype, softmax_dtype):
+    """The compiled decode-attention kernel's path when this network's decode steps should use it, else None.
+
+    Only for networks built for cached decoding (``use_past``) whose attention computes in fp32 (products
+    and softmax), on a device that prefers it, and when the kernel builds (a C++ compiler on the host;
+    otherwise one warning and the portable attention). ``BAICHUAN2_DECODE_ATTENTION=0`` turns it off (for
+    A/B measurements).
+    """
+    if not (use_past and compute_dtype == ms.float32 and softmax_dtype == ms.float32
+            and device_capabilities().decode_attention):
+        return None
+    if os.environ.get("BAICHUAN2_DECODE_ATTENTION", "1") == "0":
+        return None
+    from baichuan2_decode_attention import build_library  # pylint: disable=import-outside-toplevel
     return build_library()
 
 

@@ -42,6 +42,16 @@ def _host_key():
     return flags
 
 
+_BUILT = {}
+
+
+def cached_kernel(name, fallback):
+    """``build_kernel`` of the kernel source ``name`` beside this module, once per process: the path, or None."""
+    if name not in _BUILT:
+        _BUILT[name] = build_kernel(kernel_source(name), fallback)
+    return _BUILT[name]
+
+
 def build_kernel(source, fallback):
     """Path of the shared library compiled from ``source`` (built on first use, then cached), or None.
 

@@ -18,7 +18,9 @@ Incremental inference keeps a KV cache of shape (batch, heads, seq_length, head_
 parameters updated in place with portable ops (``IndexAdd``), so it runs on CPU and in graph mode. A
 decode step writes one column per row at that row's own position, so right-padded batches of
 different prompt lengths decode exactly as each prompt alone, and attends over the first W slots
-only, a window that holds every row's context (``baichuan2_generation.decode_window``).
+only, a window that holds every row's context (``baichuan2_generation.decode_window``). On CPU in
+fp32 one kernel (``baichuan2_decode_attention``) does a decode step's attention over the cache in
+place, each row up to its own position, instead of copying the window out.
 
 Packed rows (several conversations per row, ``belle_preprocess.py --pack True``) come with
 ``position_ids`` that restart at 0 at each conversation (see ``baichuan2_packing``). The model then
@@ -43,7 +45,8 @@ from mindformers.models.llama.llama_layer import LlamaEmbedding, LlamaFeedForwar
 from mindformers.modules.layers import Linear, RotaryEmbedding
 
 from baichuan2_device import use_fused_rms_norm, use_flash_attention, use_varlen_flash_attention, \
-    use_rows_matmul, use_norm_head_kernels
+    use_rows_matmul, use_norm_head_kernels, use_decode_attention
+from baichuan2_decode_attention import DecodeAttention
 from baichuan2_loss import build_loss
 from baichuan2_rows_matmul import install_decode_matmul
 from baichuan2_norm_head import FusedNormHeadCrossEntropy, FusedNormHeadProduct, row_inv_norm_primitive
@@ -175,7 +178,7 @@ class KVCache(nn.Cell):
             value = ops.depend(value, self.scatter_rows_value(self.value_past, rows, value))
         return key, value
 
-    def update(self, key, value, position, window):
+    def update(self, key, value, position, window=None):
         """Write one step: key/value (B, H, 1, D) at ``position`` (B,) of each row.
 
         ``IndexAdd`` along the position axis with a block-diagonal update (row b adds its key at
@@ -183,12 +186,14 @@ class KVCache(nn.Cell):
         zeroes every slot past the prompt and live rows write each position once). Rows that finished
         and keep re-writing a frozen position only change their own (ignored) outputs.
         Returns the first ``window`` slots of the cache (B, H, window, D), read after the write; every
-        live position must lie below ``window`` (the caller picks it, see ``decode_window``).
+        live position must lie below ``window`` (the caller picks it, see ``decode_window``). ``window``
+        None returns the whole cache (B, H, seq_length, D) without a copy: the in-place decode attention
+        (``DecodeAttention``) reads only each row's own slots of it.
         """
         key_cache = ops.depend(self.key_past, self.index_add_key(self.key_past, position, key * self.row_eye))
         value_cache = ops.depend(self.value_past,
                                  self.index_add_value(self.value_past, position, value * self.row_eye))
-        if window < self.seq_length:
+        if window is not None and window < self.seq_length:
             # A short context reads (and attends over) only the slots it can use.
             key_cache = key_cache[:, :, :window]
             value_cache = value_cache[:, :, :window]
@@ -204,7 +209,9 @@ class Baichuan2Attention(nn.Cell):
             of cache slots attended to (``decode_window``), at most ``seq_length``.
         rotary: ``(cos, sin, swap_mask)`` from MindFormers' ``FreqsMgr`` (7B) or None.
         bias: additive score bias broadcastable to (B, H, S, T) in fp32 (13B ALiBi) or None.
-        position: (B,) int32 write position of a decode step, or None for a full forward.
+        position: (B,) int32 write position of a decode step, or None for a full forward. Where the
+            in-place decode attention runs (``decode_attention``, CPU fp32) row b attends over the cache
+            slots 0..position[b], the keys ``keep`` shows it, read where they lie: no copy of the window.
         write_cache: (B, 1, S, 1) mask of each row's valid positions when a full forward starts
             generation (its keys/values go to the cache, zero past each row's length); None for
             other full forwards (training, evaluation), which leave the cache alone.
@@ -246,9 +253,14 @@ class Baichuan2Attention(nn.Cell):
                              "as in every original Baichuan2 yaml). Set qkv_concat: False.")
         # Ascend's fused kernel for full-sequence forwards; the device module decides (never on CPU).
         self.use_flash_attention = use_flash_attention(config.use_flash_attention, config.use_past)
+        self.decode_attention = None
         if self.use_past:
             self.kvcache_mgr = KVCache(config.batch_size, self.num_heads, config.seq_length, self.head_dim,
                                        config.compute_dtype)
+            # CPU fp32 decode steps: one kernel over the cache in place (the device module decides).
+            library = use_decode_attention(config.use_past, config.compute_dtype, config.softmax_compute_type)
+            if library:
+                self.decode_attention = DecodeAttention(library)
         self.apply_rotary_emb = None
         if use_rope:
             self.apply_rotary_emb = Baichuan2RotaryEmbedding(self.head_dim, config.rotary_dtype)
@@ -265,13 +277,18 @@ class Baichuan2Attention(nn.Cell):
         value = self._split_heads(self.wv(x))
         if rotary is not None:
             query, key = self.apply_rotary_emb(query, key, rotary)
+        in_place = position is not None and self.decode_attention is not None
         if self.use_past:
             if position is not None:
-                key, value = self.kvcache_mgr.update(key, value, position, keep.shape[-1])
+                # The portable path attends over a copy of the first W = keep.shape[-1] slots; the kernel
+                # reads the whole cache in place, each row up to its own position.
+                key, value = self.kvcache_mgr.update(key, value, position, None if in_place else keep.shape[-1])
             elif write_cache is not None:
                 self.kvcache_mgr.prefill(key, value, write_cache, cache_rows)
 
-        if seq_ends is not None:
+        if in_place:
+            context = self.decode_attention(query, key, value, position, bias)
+        elif seq_ends is not None:
             context = self._varlen_flash_attention(query, key, value, seq_ends)
         elif self.use_flash_attention:
             context = self._flash_attention(query, key, value, keep, bias)

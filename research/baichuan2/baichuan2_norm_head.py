@@ -25,19 +25,16 @@ half precision, no compiler) ``NormHead`` keeps MindSpore ops, which compute the
 from mindspore import nn, ops
 from mindspore import dtype as mstype
 
-from baichuan2_kernel_build import build_kernel, kernel_source
+from baichuan2_kernel_build import cached_kernel, kernel_source
 from baichuan2_loss import masked_mean, masked_mean_scale
 
 SOURCE = kernel_source("baichuan2_norm_head.cc")
-_LIBRARY = {}
 
 
 def build_library():
     """Path of the compiled NormHead kernels (built on first use, then cached per host), or None with a warning."""
-    if "path" not in _LIBRARY:
-        _LIBRARY["path"] = build_kernel(SOURCE, "NormHead keeps MindSpore's elementwise ops (same function, "
-                                                "more passes over the weight and the logits).")
-    return _LIBRARY["path"]
+    return cached_kernel("baichuan2_norm_head.cc", "NormHead keeps MindSpore's elementwise ops (same function, "
+                                                   "more passes over the weight and the logits).")
 
 
 def _aot(library, name, out_shape, out_dtype):

@@ -14,20 +14,17 @@ no backward. Whether to use it at all is decided by ``baichuan2_device.use_rows_
 from mindspore import nn, ops
 from mindspore import dtype as mstype
 
-from baichuan2_kernel_build import build_kernel, kernel_source
+from baichuan2_kernel_build import cached_kernel, kernel_source
 
 MAX_ROWS = 8
 SOURCE = kernel_source("baichuan2_rows_matmul.cc")
-_LIBRARY = {}
 
 
 def build_library():
     """Path of the compiled kernel (built on first use, then cached per host), or None with a warning
-    (``baichuan2_kernel_build.build_kernel``)."""
-    if "path" not in _LIBRARY:
-        _LIBRARY["path"] = build_kernel(SOURCE, "decode uses ops.MatMul, whose batch-4 steps read the "
-                                                "weights 2-3 times.")
-    return _LIBRARY["path"]
+    (``baichuan2_kernel_build.cached_kernel``)."""
+    return cached_kernel("baichuan2_rows_matmul.cc",
+                         "decode uses ops.MatMul, whose batch-4 steps read the weights 2-3 times.")
 
 
 def rows_matmul_primitive(library):
