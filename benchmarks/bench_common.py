@@ -47,6 +47,13 @@ BENCH_SHAPE = {
 }
 PROMPTS = (64, 1024)
 
+# Run in the first round only (each costs minutes; see run_all.py). The batch-4 decode tasks and
+# the batch-1 points they are compared with run in every round: their ratio is a target, and with one
+# process each the real-width ratio of the same code read 2.97x and 3.33x three hours apart (docs/serving.md).
+ONCE = ("decode-wide-ours7b-p1024",
+        "finetune-unpacked-long", "finetune-packed-long",
+        "train-ours7b-plainhead", "train-ours7b-nnadam")
+
 # A real-width shape: Baichuan2-7B's hidden size, SwiGLU width, heads and vocabulary, 2 layers only
 # (1.43 G parameters, 5.7 GB fp32). Its kernels are as large as the real model's, so per-kernel
 # launch gaps weigh about as little in a decode step as they do in the real 7B/13B.

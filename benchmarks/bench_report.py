@@ -594,7 +594,9 @@ def method_section(data, res):
         (f"- **Rounds**: every decode and training measurement ran in {data['rounds']} separate "
          "processes, interleaved (all tasks once, then all again, ...), so that ours and its baselines share the "
          "host's slow and fast phases; the tables give the median process and, in brackets, the lowest and "
-         "highest process. Ratios are between medians." if data.get("rounds", 1) > 1 else
+         "highest process. Ratios are between medians. The costliest tasks ran in the first round only ("
+         + ", ".join(f"`{name}`" for name in bc.ONCE) + "), and results kept from an earlier run have "
+         "that run's rounds." if data.get("rounds", 1) > 1 else
          "- **Rounds**: one: every decode and training measurement ran once, in its own process (the brackets "
          "repeat that one figure; `--rounds N` interleaves N processes per measurement and reports their "
          "median). Ratios are between processes of the same run."),

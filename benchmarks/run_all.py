@@ -37,12 +37,6 @@ import bench_report  # noqa: E402  pylint: disable=wrong-import-position
 PACKAGES = ("mindspore", "mindformers", "torch", "transformers", "numpy")
 
 
-# Run in the first round only (each costs minutes; see the module docstring). The batch-4 decode tasks and
-# the batch-1 points they are compared with run in every round: their ratio is a target, and one process
-# each, an hour apart in a shared host's phases, gave 2.97x and 3.35x for the same code.
-ONCE = ("decode-wide-ours7b-p1024",
-        "finetune-unpacked-long", "finetune-packed-long",
-        "train-ours7b-plainhead", "train-ours7b-nnadam")
 # The long-sequence fine-tuning point. Before the attention's softmax and the optimizer were reworked a
 # training step of ours at batch 1 grew ~12.5 MiB per token (13.7 GB at 512), so 1024 was what 24 GB held;
 # now 7.7 GB at 512 and 8.8 GB at 1024 (2026-12-03), so 2048 would fit too but doubles the run time of
@@ -149,7 +143,7 @@ def wait_for_quiet(max_load, wait_s, poll_s=10.0, sleep=time.sleep, loadavg=os.g
 def run_tasks(tasks, rounds, log_dir, timeout, max_load=bc.MAX_LOAD, retries=2, wait_s=60.0, runner=None,
               loadavg=os.getloadavg, sleep=time.sleep):
     """Run ``tasks``: the bandwidth, gemm, decode, train and finetune tasks ``rounds`` times, interleaved
-    (``ONCE`` tasks in the first round only); then the profiles and the end-of-run bandwidth once.
+    (``bench_common.ONCE`` tasks in the first round only); then the profiles and the end-of-run bandwidth once.
 
     A round whose start load average exceeds ``max_load`` is repeated (at most ``retries`` times);
     the last attempt is kept and flagged. Returns ({name: result}, round log)."""
@@ -172,7 +166,7 @@ def run_tasks(tasks, rounds, log_dir, timeout, max_load=bc.MAX_LOAD, retries=2, 
                   + (f" > {max_load} (disturbed)" if loaded else ""), flush=True)
             outcome = {}
             for name, task_args in repeated:
-                if round_index > 0 and name in ONCE:
+                if round_index > 0 and name in bc.ONCE:
                     continue
                 label = name if rounds == 1 else f"{name}-round{round_index + 1}"
                 if attempt:

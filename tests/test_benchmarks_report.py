@@ -274,10 +274,10 @@ def test_task_list_has_the_issue10_measurements():
                  "decode-ours7b-b4-p64", "decode-wide-ours7b-p64", "decode-wide-ours7b-p1024",
                  "decode-wide-ours7b-b4-p64", "train-ours7b-plainhead"):
         assert name in names
-    assert set(run_all.ONCE) <= set(names)
+    assert set(bc.ONCE) <= set(names)
     # The batch-4 ratio's terms are medians over every round, not one process each.
     assert not {"decode-ours7b-p64", "decode-ours7b-b4-p64", "decode-wide-ours7b-p64",
-                "decode-wide-ours7b-b4-p64"} & set(run_all.ONCE)
+                "decode-wide-ours7b-b4-p64"} & set(bc.ONCE)
     packed = dict(run_all.task_list(False))["finetune-packed"]
     assert "--pack" in packed and packed[packed.index("--seq") + 1] == 512
 
