@@ -246,3 +246,11 @@ def network_logits(config_path, params, ids, lora=None):
         return net(ms.Tensor(ids, ms.int32))[0].asnumpy()
     finally:
         ms.set_context(mode=previous)
+
+
+def built_kernel(module):
+    """The compiled library of a kernel module (``baichuan2_rows_matmul``, ``baichuan2_norm_head``,
+    ``baichuan2_decode_attention``); fails the test, naming the source, if the host compiler could not build it."""
+    path = module.build_library()
+    assert path, f"the host C++ compiler could not build {os.path.basename(module.SOURCE)} (see the warning above)"
+    return path

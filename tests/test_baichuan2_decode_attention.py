@@ -13,15 +13,14 @@ from mindspore import Parameter, Tensor, nn
 import baichuan2_decode_attention as decode_attention
 from baichuan2_device import use_decode_attention
 from model_fixtures import tiny_pair, build_network
+from run_helpers import built_kernel
 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture(scope="module")
 def library():
-    path = decode_attention.build_library()
-    assert path, "the host C++ compiler could not build baichuan2_decode_attention.cc (see the warning above)"
-    return path
+    return built_kernel(decode_attention)
 
 
 class _OverCache(nn.Cell):

@@ -15,6 +15,7 @@ import baichuan2_norm_head as norm_head
 from baichuan2_device import use_norm_head_kernels
 from baichuan2_layers import NormHead
 from model_fixtures import tiny_pair, build_network
+from run_helpers import built_kernel
 
 EPS32 = float(np.finfo(np.float32).eps)
 # The kernels' exp saturates at exp(-87) (~1.6e-38, the smallest value it keeps normal): an exponential below it
@@ -26,9 +27,7 @@ MODES = {"pynative": ms.PYNATIVE_MODE, "graph": ms.GRAPH_MODE}
 
 @pytest.fixture(scope="module")
 def library():
-    path = norm_head.build_library()
-    assert path, "the host C++ compiler could not build baichuan2_norm_head.cc (see the warning above)"
-    return path
+    return built_kernel(norm_head)
 
 
 def _reference(x, w, dout):

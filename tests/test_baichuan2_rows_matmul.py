@@ -11,15 +11,14 @@ from mindspore import Parameter, Tensor, nn, ops
 import baichuan2_rows_matmul as rows
 from baichuan2_device import use_rows_matmul
 from model_fixtures import tiny_pair, build_network
+from run_helpers import built_kernel
 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
 @pytest.fixture(scope="module")
 def library():
-    path = rows.build_library()
-    assert path, "the host C++ compiler could not build baichuan2_rows_matmul.cc (see the warning above)"
-    return path
+    return built_kernel(rows)
 
 
 def _error_bound(x, w):

@@ -24,7 +24,7 @@ SOURCE = kernel_source("baichuan2_decode_attention.cc")
 def build_library():
     """Path of the compiled kernel (built on first use, then cached per host), or None with a warning
     (``baichuan2_kernel_build.cached_kernel``)."""
-    return cached_kernel("baichuan2_decode_attention.cc",
+    return cached_kernel(SOURCE,
                          "decode steps use the portable attention over a copy of the cache window.")
 
 

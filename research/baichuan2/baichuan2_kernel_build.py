@@ -45,11 +45,11 @@ def _host_key():
 _BUILT = {}
 
 
-def cached_kernel(name, fallback):
-    """``build_kernel`` of the kernel source ``name`` beside this module, once per process: the path, or None."""
-    if name not in _BUILT:
-        _BUILT[name] = build_kernel(kernel_source(name), fallback)
-    return _BUILT[name]
+def cached_kernel(source, fallback):
+    """``build_kernel(source, fallback)`` once per process: the library's path, or None."""
+    if source not in _BUILT:
+        _BUILT[source] = build_kernel(source, fallback)
+    return _BUILT[source]
 
 
 def build_kernel(source, fallback):

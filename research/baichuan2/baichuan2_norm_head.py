@@ -33,8 +33,8 @@ SOURCE = kernel_source("baichuan2_norm_head.cc")
 
 def build_library():
     """Path of the compiled NormHead kernels (built on first use, then cached per host), or None with a warning."""
-    return cached_kernel("baichuan2_norm_head.cc", "NormHead keeps MindSpore's elementwise ops (same function, "
-                                                   "more passes over the weight and the logits).")
+    return cached_kernel(SOURCE, "NormHead keeps MindSpore's elementwise ops (same function, more passes over "
+                                 "the weight and the logits).")
 
 
 def _aot(library, name, out_shape, out_dtype):

@@ -23,7 +23,7 @@ SOURCE = kernel_source("baichuan2_rows_matmul.cc")
 def build_library():
     """Path of the compiled kernel (built on first use, then cached per host), or None with a warning
     (``baichuan2_kernel_build.cached_kernel``)."""
-    return cached_kernel("baichuan2_rows_matmul.cc",
+    return cached_kernel(SOURCE,
                          "decode uses ops.MatMul, whose batch-4 steps read the weights 2-3 times.")
 
 
