@@ -20,6 +20,14 @@ static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); re
 static inline float hsum(v8 v) { float s = 0.f; for (int j = 0; j < 8; ++j) s += v[j]; return s; }
 // y[M, N] = x[M, K] . W[N, K]^T for small M: one pass over W. R weight rows at a time share each x load
 // and M rows share each weight load (register blocking); M*R accumulators also hide the FMA latency.
+//
+// With more than one row the loop computes M times more per byte, so it issues its loads more slowly and
+// the hardware prefetchers (which restart at every 4 KiB page; one weight row is a page at K = 1024) leave
+// each block's first lines to demand misses. So multi-row blocks prefetch the next block's rows, one cache
+// line per row every two steps, into L2. Measured on an AVX2 host (AMD EPYC family 23), 4 rows of the
+// 125696 x 1024 lm_head: 27.1 -> 20.8 ms on transparent huge pages (where MindSpore keeps weights), 29.3
+// -> 25.9 ms on 4 KiB pages; 1 row runs at 18.9 ms, and slower with it (its prefetchers keep up), so 1 row
+// does not.
 template <int M, int R>
 static void kernel_range(const float* __restrict x, const float* __restrict xp, const float* __restrict w,
                          float* __restrict y, int64_t K, int64_t N, int64_t b_begin, int64_t b_end) {
@@ -36,8 +44,12 @@ static void kernel_range(const float* __restrict x, const float* __restrict xp, 
     }
     v8 acc[M][R];
     for (int m = 0; m < M; ++m) for (int r = 0; r < R; ++r) acc[m][r] = v8{};
+    const bool prefetch = M > 1 && b + 1 < b_end && (b + 2) * R <= N;
+    const float* next = w + (n0 + R) * K;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
+      if (prefetch && (k & 15) == 0)
+        for (int r = 0; r < R; ++r) __builtin_prefetch(next + r * K + k, 0, 2);
       v8 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = load8(w + (n0 + r) * K + k);
       for (int m = 0; m < M; ++m) {
