@@ -40,6 +40,13 @@ def test_a_library_is_built_once_per_source_compiler_and_host(monkeypatch, tmp_p
         raise AssertionError(f"compiled again: {args}")
     monkeypatch.setattr(kernel_build.subprocess, "run", no_compile)
     assert build_kernel(norm_head.SOURCE, "unused") == first            # cached: no compiler call
+    # Another version of the header every kernel includes is another library.
+    header = tmp_path / "changed_common.h"
+    header.write_bytes(open(kernel_build.COMMON_HEADER, "rb").read() + b"\n// changed\n")
+    with monkeypatch.context() as patch:
+        patch.setattr(kernel_build, "COMMON_HEADER", str(header))
+        with pytest.raises(AssertionError, match="compiled again"):
+            build_kernel(norm_head.SOURCE, "unused")
     monkeypatch.setenv("CXX", "c++")                                    # another compiler is another library
     with pytest.raises(AssertionError, match="compiled again"):
         build_kernel(norm_head.SOURCE, "unused")

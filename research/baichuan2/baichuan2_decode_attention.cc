@@ -20,14 +20,7 @@
 // host compiler (-O3 -march=native -pthread); GCC's vector extensions become the widest SIMD the host has.
 // Returns non-zero on shapes it does not take (the caller never passes them).
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <sched.h>
-#include <thread>
-#include <vector>
-typedef float v8 __attribute__((vector_size(32)));
-static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
-static inline float hsum(v8 v) { float s = 0.f; for (int j = 0; j < 8; ++j) s += v[j]; return s; }
+#include "baichuan2_kernel_common.h"
 
 // s[j] = q . k_j for j < n, k_j = k + j * D. Four keys at a time: four independent FMA chains hide the FMA
 // latency (one chain would leave this latency-bound, not bandwidth-bound) and share each load of q.
@@ -88,14 +81,6 @@ static void attend(const float* q, const float* k, const float* v, const float* 
   for (int64_t d = 0; d < D; ++d) out[d] /= total;
 }
 
-// Plain threads over the (row, head) pairs, the calling thread taking a share: an OpenMP team would
-// keep spinning after each call and take the cores from MindSpore's own kernels in between.
-static int worker_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
-  return 1;
-}
-
 extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes,
                                void*, void*) {
   if (nparam != 6 || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4 || ndims[3] != 1) return 1;
@@ -119,11 +104,10 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const int64_t limit = W < S ? W : S;
 
-  // Thread t takes pairs t, t + workers, ...: the heads of one row have the same length, so strided pairs
+  // Thread t takes pairs t, t + threads, ... (parallel_strided): the heads of one row have the same length, so strided pairs
   // balance rows of different lengths (contiguous ranges would give one thread the long rows).
-  static const int workers = worker_count();
   const int64_t pairs = B * H;
-  auto strided = [=](int64_t first, int64_t stride) {
+  parallel_strided(pairs, [=](int64_t first, int64_t stride) {
     std::vector<float> scores(limit);
     for (int64_t pair = first; pair < pairs; pair += stride) {
       int64_t n = static_cast<int64_t>(position[pair / H]) + 1;
@@ -131,11 +115,6 @@ extern "C" int DecodeAttention(int nparam, void** params, int* ndims, int64_t** 
       attend(q + pair * D, k + pair * S * D, v + pair * S * D, has_bias ? bias + pair * W : nullptr, n, D, scale,
              scores.data(), out + pair * D);
     }
-  };
-  const int64_t used = workers < pairs ? workers : pairs;
-  std::vector<std::thread> threads;
-  for (int64_t t = 1; t < used; ++t) threads.emplace_back(strided, t, used);
-  strided(0, used);
-  for (auto& th : threads) th.join();
+  });
   return 0;
 }

@@ -2,8 +2,8 @@
 
 Each kernel source (``baichuan2_*.cc`` beside this file) is compiled with the host's C++ compiler
 (``$CXX``, default ``g++``) and ``-march=native`` into ``$BAICHUAN2_KERNEL_CACHE`` (default
-``~/.cache/baichuan2_mindspore``). The file name hashes the source, the compiler, its flags and the CPU's
-feature flags, so a shared home directory never serves one host's build to another; the library is
+``~/.cache/baichuan2_mindspore``). The file name hashes the source, the header the kernels share
+(``baichuan2_kernel_common.h``), the compiler, its flags and the CPU's feature flags, so a shared home directory never serves one host's build to another; the library is
 written under a temporary name and renamed, so concurrent processes (msrun ranks, test workers) never load
 a half-written file. A host without a compiler gets one warning per kernel and ``None``: the callers then
 keep MindSpore's own ops.
@@ -23,6 +23,10 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 def kernel_source(name):
     """Path of the kernel source ``name`` (e.g. ``"baichuan2_norm_head.cc"``) shipped beside this module."""
     return os.path.join(_HERE, name)
+
+
+# Included by every kernel source, so it is part of each build's cache key.
+COMMON_HEADER = kernel_source("baichuan2_kernel_common.h")
 
 
 def _cache_dir():
@@ -60,9 +64,11 @@ def build_kernel(source, fallback):
     compiler = os.environ.get("CXX", "g++")
     stem = os.path.splitext(os.path.basename(source))[0].replace("baichuan2_", "")
     try:
-        with open(source, "rb") as f:
-            text = f.read()
-        key = hashlib.sha256(b"\0".join([text, compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
+        texts = []
+        for path in (source, COMMON_HEADER):
+            with open(path, "rb") as f:
+                texts.append(f.read())
+        key = hashlib.sha256(b"\0".join([*texts, compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
                                          _host_key().encode()])).hexdigest()[:16]
         path = os.path.join(_cache_dir(), f"{stem}_{key}.so")
         if not os.path.exists(path):

@@ -25,34 +25,12 @@
 // inputs then the outputs, contiguous, float32 except the int32 labels. Built by baichuan2_kernel_build.py
 // with the host compiler (-O3 -march=native -pthread); GCC's vector extensions become the widest SIMD the
 // host has. Each call splits its rows (or columns) over the CPUs the process may run on, with plain threads
-// (see baichuan2_rows_matmul.cc for why not OpenMP). Sums run in a fixed order, so results do not depend
+// (baichuan2_kernel_common.h says why not OpenMP). Sums run in a fixed order, so results do not depend
 // on the thread count.
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <sched.h>
-#include <thread>
-#include <vector>
+#include "baichuan2_kernel_common.h"
 
 static const float kNormFloor = 1e-12f;  // F.normalize's eps, as the reference model
-
-static int worker_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
-  return 1;
-}
-
-// Runs body(begin, end) over [0, n) split into one contiguous range per worker (the caller takes the first).
-template <typename Body>
-static void parallel_ranges(int64_t n, Body body) {
-  static const int workers = worker_count();
-  const int64_t per = (n + workers - 1) / workers;
-  std::vector<std::thread> threads;
-  for (int t = 1; t < workers && t * per < n; ++t)
-    threads.emplace_back(body, t * per, (t + 1) * per < n ? (t + 1) * per : n);
-  body(0, per < n ? per : n);
-  for (auto& th : threads) th.join();
-}
 
 // Runs row_body(t, v0, v1) for every row t = 0, 1, ... of each column block [v0, v1) of 2048 columns (8 KiB
 // of s, which stays in L1 while the rows stream through), the blocks split over the workers. s[v0, v1) is
@@ -176,11 +154,8 @@ extern "C" int NormHeadWeightGrad(int nparam, void** params, int* ndims, int64_t
 // polynomial on |r| <= ln 2 / 2, relative error below 2e-7 on [-87, 0]); written with vector extensions so it vectorises on any
 // SIMD width. Below -87 it returns exp(-87) ~ 1.6e-38 instead of a denormal or 0: such a term is at most
 // 1.6e-38 of the row's largest term (1), far below fp32 rounding of the sum.
-typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8 splat(float a) { return v8{a, a, a, a, a, a, a, a}; }
-static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
-static inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 static inline v8 exp8(v8 x) {
   x = x < splat(-87.f) ? splat(-87.f) : x;

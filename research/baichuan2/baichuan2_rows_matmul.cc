@@ -10,14 +10,7 @@
 // the inputs x (..., K) and W (N, K) and the output y (..., N), all float32 and contiguous. Built by
 // baichuan2_rows_matmul.py with the host compiler (-O3 -march=native -pthread); GCC's vector extensions
 // become the widest SIMD the host has. Returns non-zero for M > 8 (the caller never passes it).
-#include <cstdint>
-#include <cstring>
-#include <sched.h>
-#include <thread>
-#include <vector>
-typedef float v8 __attribute__((vector_size(32)));
-static inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof(v)); return v; }
-static inline float hsum(v8 v) { float s = 0.f; for (int j = 0; j < 8; ++j) s += v[j]; return s; }
+#include "baichuan2_kernel_common.h"
 // y[M, N] = x[M, K] . W[N, K]^T for small M: one pass over W. R weight rows at a time share each x load
 // and M rows share each weight load (register blocking); M*R accumulators also hide the FMA latency.
 //
@@ -66,32 +59,17 @@ static void kernel_range(const float* __restrict x, const float* __restrict xp, 
   }
 }
 
-// Plain threads, one contiguous range of weight rows each (the calling thread takes the first): an OpenMP
-// team would keep spinning after each call and take the cores from MindSpore's own kernels in between.
-static int worker_count() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
-  return 1;
-}
-
+// One contiguous range of R-row blocks per thread (parallel_ranges).
 template <int M, int R>
 static void kernel(const float* __restrict x, const float* __restrict w, float* __restrict y, int64_t K, int64_t N) {
-  static const int workers = worker_count();
   const int64_t blocks = N / R + (N % R ? 1 : 0);
-  const int64_t per = (blocks + workers - 1) / workers;
   // x interleaved as [K/8][M][8]: one contiguous stream instead of M rows whose 16 KiB stride (K = 4096)
   // maps them all to the same L1 sets as the weight rows.
   std::vector<float> packed((K / 8) * M * 8);
   for (int64_t k8 = 0; k8 < K / 8; ++k8)
     for (int m = 0; m < M; ++m) std::memcpy(&packed[(k8 * M + m) * 8], x + m * K + k8 * 8, 8 * sizeof(float));
   const float* xp = packed.data();
-  std::vector<std::thread> threads;
-  for (int t = 1; t < workers && t * per < blocks; ++t) {
-    const int64_t end = (t + 1) * per < blocks ? (t + 1) * per : blocks;
-    threads.emplace_back(kernel_range<M, R>, x, xp, w, y, K, N, t * per, end);
-  }
-  kernel_range<M, R>(x, xp, w, y, K, N, 0, per < blocks ? per : blocks);
-  for (auto& th : threads) th.join();
+  parallel_ranges(blocks, [=](int64_t begin, int64_t end) { kernel_range<M, R>(x, xp, w, y, K, N, begin, end); });
 }
 extern "C" int RowsMatMul(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream, void* extra) {
   if (nparam != 3 || std::strcmp(dtypes[0], "float32") != 0 || std::strcmp(dtypes[1], "float32") != 0) return 2;
